@@ -1,0 +1,140 @@
+//! The AVX-512F backend: 512-bit registers, mask registers for tails and selects.
+
+use core::arch::x86_64::{
+    __m512, __mmask16, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
+    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps,
+    _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_set1_ps,
+    _mm512_slli_epi32, _mm512_storeu_ps, _mm512_sub_ps, _CMP_EQ_OQ, _CMP_LT_OQ,
+};
+
+use crate::kernel::{self, Buffers, Job};
+use crate::vector::Vector;
+
+/// Sixteen f32 lanes in a `zmm` register.
+///
+/// Every method runs AVX-512F instructions: the type is private to this module and only used
+/// inside [`run`], which is compiled with that feature and only called once it is detected.
+#[derive(Clone, Copy)]
+pub(super) struct Avx512(__m512);
+
+/// The mask of the low `len` lanes (`len < 16`).
+#[inline(always)]
+fn low_lanes(len: usize) -> __mmask16 {
+    ((1_u32 << (len & 15)) - 1) as __mmask16
+}
+
+// Each `unsafe` block below calls an AVX-512F intrinsic.
+// SAFETY (for all of them): this code only runs inlined into `run`, a
+// `#[target_feature(enable = "avx512f")]` function that `arch::select` hands out only after
+// detecting AVX-512F and OS support of the zmm and opmask state. Whole loads and stores use arrays
+// of exactly 16 f32; masked loads and stores touch only the lanes of `tail` (masked-off lanes are
+// neither read nor written and cannot fault).
+impl Vector for Avx512 {
+    const LANES: usize = 16;
+    type Array = [f32; 16];
+
+    #[inline(always)]
+    fn split(s: &[f32]) -> (&[[f32; 16]], &[f32]) {
+        s.as_chunks()
+    }
+    #[inline(always)]
+    fn split_mut(s: &mut [f32]) -> (&mut [[f32; 16]], &mut [f32]) {
+        s.as_chunks_mut()
+    }
+    #[inline(always)]
+    fn load(a: &[f32; 16]) -> Self {
+        // SAFETY: see the impl comment; `a` is 16 readable f32.
+        Avx512(unsafe { _mm512_loadu_ps(a.as_ptr()) })
+    }
+    #[inline(always)]
+    fn store(self, a: &mut [f32; 16]) {
+        // SAFETY: see the impl comment; `a` is 16 writable f32.
+        unsafe { _mm512_storeu_ps(a.as_mut_ptr(), self.0) }
+    }
+    #[inline(always)]
+    fn load_tail(tail: &[f32], fill: f32) -> Self {
+        // SAFETY: see the impl comment; only the low `tail.len()` lanes are read.
+        Avx512(unsafe {
+            _mm512_mask_loadu_ps(_mm512_set1_ps(fill), low_lanes(tail.len()), tail.as_ptr())
+        })
+    }
+    #[inline(always)]
+    fn store_tail(self, tail: &mut [f32]) {
+        // SAFETY: see the impl comment; only the low `tail.len()` lanes are written.
+        unsafe { _mm512_mask_storeu_ps(tail.as_mut_ptr(), low_lanes(tail.len()), self.0) }
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_set1_ps(x) })
+    }
+    #[inline(always)]
+    fn to_array(self) -> [f32; 16] {
+        let mut a = [0.0; 16];
+        self.store(&mut a);
+        a
+    }
+    #[inline(always)]
+    fn add(self, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_add_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    fn sub(self, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_sub_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    fn mul(self, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_mul_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_fmadd_ps(self.0, b.0, c.0) })
+    }
+    #[inline(always)]
+    fn max(self, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_max_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    fn min(self, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_min_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    fn select_lt(self, b: Self, t: Self, f: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe {
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, b.0), f.0, t.0)
+        })
+    }
+    #[inline(always)]
+    fn select_eq(self, b: Self, t: Self, f: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe {
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(self.0, b.0), f.0, t.0)
+        })
+    }
+    #[inline(always)]
+    fn shift_into_exponent(self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_castps_si512(self.0))) })
+    }
+}
+
+/// The batch kernel compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU must support AVX-512F, and the OS must save zmm and opmask registers.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn run(
+    job: &Job,
+    targets: &[u32],
+    buffers: Buffers<'_>,
+    losses: &mut [f32],
+) -> f64 {
+    kernel::run::<Avx512>(job, targets, buffers, losses)
+}

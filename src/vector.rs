@@ -1,0 +1,79 @@
+//! The crate-private vector abstraction that the generic kernel is written against.
+//!
+//! Each backend (portable `wide`, AVX2+FMA, AVX-512F) implements [`Vector`] for one register type;
+//! the algorithm in [`crate::kernel`] and the exp in [`crate::exp`] are written once over it. Loads
+//! and stores go through fixed-size arrays produced by [`Vector::split`], so the generic code does
+//! no indexing and no pointer arithmetic.
+
+/// A register of `LANES` f32 values.
+///
+/// The x86 implementations are only valid to call inside functions compiled with their target
+/// features enabled; their types are private to their backend module, which guarantees that.
+pub(crate) trait Vector: Copy {
+    /// Number of f32 lanes.
+    const LANES: usize;
+    /// `[f32; LANES]`.
+    type Array: Copy + AsRef<[f32]> + AsMut<[f32]>;
+
+    /// Splits a slice into whole vectors and a tail shorter than `LANES`.
+    fn split(s: &[f32]) -> (&[Self::Array], &[f32]);
+    /// Splits a mutable slice into whole vectors and a tail shorter than `LANES`.
+    fn split_mut(s: &mut [f32]) -> (&mut [Self::Array], &mut [f32]);
+    /// Loads a whole vector.
+    fn load(a: &Self::Array) -> Self;
+    /// Stores a whole vector.
+    fn store(self, a: &mut Self::Array);
+    /// Loads `tail` (shorter than `LANES`) into the low lanes; the other lanes are `fill`.
+    fn load_tail(tail: &[f32], fill: f32) -> Self;
+    /// Stores the low `tail.len()` lanes (fewer than `LANES`) into `tail`.
+    fn store_tail(self, tail: &mut [f32]);
+    /// All lanes `x`.
+    fn splat(x: f32) -> Self;
+    /// The lanes as an array.
+    fn to_array(self) -> Self::Array;
+
+    /// `self + b`.
+    fn add(self, b: Self) -> Self;
+    /// `self - b`.
+    fn sub(self, b: Self) -> Self;
+    /// `self * b`.
+    fn mul(self, b: Self) -> Self;
+    /// `self * b + c`, fused where the instruction set has FMA.
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    /// Lane-wise maximum; which operand a NaN lane yields is backend-defined (the kernel detects
+    /// NaN separately).
+    fn max(self, b: Self) -> Self;
+    /// Lane-wise minimum; NaN handling as for [`Vector::max`].
+    fn min(self, b: Self) -> Self;
+    /// Per lane: `if self < b { t } else { f }` (false for NaN).
+    fn select_lt(self, b: Self, t: Self, f: Self) -> Self;
+    /// Per lane: `if self == b { t } else { f }` (false for NaN).
+    fn select_eq(self, b: Self, t: Self, f: Self) -> Self;
+    /// Reinterprets the lanes as i32, shifts them left by 23 bits, and reinterprets back: turns the
+    /// low bits of a magic-biased integer into the float `2^n`.
+    fn shift_into_exponent(self) -> Self;
+
+    /// The largest lane (a NaN lane may or may not win).
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        self.to_array()
+            .as_ref()
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+
+    /// The smallest lane (a NaN lane may or may not win).
+    #[inline(always)]
+    fn reduce_min(self) -> f32 {
+        self.to_array()
+            .as_ref()
+            .iter()
+            .fold(f32::INFINITY, |m, &x| if x < m { x } else { m })
+    }
+
+    /// The sum of the lanes, in f64.
+    #[inline(always)]
+    fn reduce_sum(self) -> f64 {
+        self.to_array().as_ref().iter().map(|&x| f64::from(x)).sum()
+    }
+}
