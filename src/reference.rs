@@ -22,6 +22,47 @@
 
 use crate::{CrossEntropy, Error, Smoothing};
 
+/// The documented accuracy of the kernels against this reference, on the same f32 inputs: a row
+/// loss within `LOSS_TOLERANCE` relative (absolute when `|loss| < 1`), every element of an
+/// unscaled gradient row within `GRAD_TOLERANCE` absolute (scaled gradients: times the scale).
+///
+/// ```
+/// assert_eq!(smoothce::reference::LOSS_TOLERANCE, 2e-6);
+/// ```
+pub const LOSS_TOLERANCE: f64 = 2e-6;
+
+/// See [`LOSS_TOLERANCE`].
+///
+/// ```
+/// assert_eq!(smoothce::reference::GRAD_TOLERANCE, 2e-6);
+/// ```
+pub const GRAD_TOLERANCE: f64 = 2e-6;
+
+/// Whether a kernel result `got` agrees with the reference value `want` within `tolerance`,
+/// relative when `|want| > 1` and absolute below. NaN agrees only with NaN and an infinity only
+/// with the same infinity (the crate's NaN rule is exact, not approximate).
+///
+/// ```
+/// use smoothce::reference::{agrees, LOSS_TOLERANCE};
+/// assert!(agrees(1000.001, 1000.0, LOSS_TOLERANCE));
+/// assert!(!agrees(0.5001, 0.5, LOSS_TOLERANCE));
+/// assert!(agrees(f32::NAN, f64::NAN, LOSS_TOLERANCE));
+/// assert!(!agrees(f32::INFINITY, 3.0e38, LOSS_TOLERANCE));
+/// ```
+#[must_use]
+pub fn agrees(got: f32, want: f64, tolerance: f64) -> bool {
+    let got = f64::from(got);
+    if got.is_nan() || want.is_nan() {
+        return got.is_nan() && want.is_nan();
+    }
+    if got.is_infinite() || want.is_infinite() {
+        // A true value beyond f32::MAX rounds to infinity in f32.
+        let rounded = want as f32;
+        return got == f64::from(rounded);
+    }
+    (got - want).abs() <= tolerance * want.abs().max(1.0)
+}
+
 /// The loss of one row of logits with target `target`, in f64, and optionally its unscaled
 /// gradient `p - q` into `grad` (same length as `logits`).
 ///
@@ -116,13 +157,16 @@ fn row_core(
             sum += libm::exp(f64::from(z) - max);
         }
     }
-    let lse = max + libm::log(sum);
+    // lse - z_k is formed as (max - z_k) + ln(sum): the difference of two f32 values is exact in
+    // f64, where max + ln(sum) - z_k would lose ln(sum) entirely at offsets near 1e38.
+    let log_sum = libm::log(sum);
     let target_allowed = logits.get(target).is_some_and(|&z| allowed(z));
     let (on, per) = smoothing.coefficients(count, target_allowed);
     let mut loss = 0.0;
     for (k, &z) in logits.iter().enumerate() {
+        let shifted = f64::from(z) - max;
         let (p, mut q) = if allowed(z) {
-            (libm::exp(f64::from(z) - lse), per)
+            (libm::exp(shifted - log_sum), per)
         } else {
             (0.0, 0.0)
         };
@@ -130,7 +174,7 @@ fn row_core(
             q += on;
         }
         if q != 0.0 {
-            loss += q * (lse - f64::from(z));
+            loss += q * (log_sum - shifted);
         }
         emit(k, p - q);
     }
