@@ -198,10 +198,12 @@ pub(crate) trait Op<V: Vector> {
     /// Processes one whole vector using accumulator `slot` (0..4); returns what to store.
     fn apply(&mut self, slot: usize, z: V) -> V;
     /// Processes the last, partial vector (padding lanes hold the tail fill value).
+    #[inline(always)]
     fn apply_tail(&mut self, z: V) -> V {
         self.apply(3, z)
     }
     /// Called after every [`BLOCK`] elements and at the end.
+    #[inline(always)]
     fn end_block(&mut self) {}
 }
 
@@ -217,8 +219,9 @@ fn fold<V: Vector, O: Op<V>>(src: &[f32], tail_fill: f32, op: &mut O) {
             op.apply(2, V::load(c));
             op.apply(3, V::load(d));
         }
-        for (slot, a) in rest.iter().enumerate() {
-            op.apply(slot, V::load(a));
+        // A constant slot: a run-time index would force the accumulators out of registers.
+        for a in rest {
+            op.apply(0, V::load(a));
         }
         if !tail.is_empty() {
             op.apply_tail(V::load_tail(tail, tail_fill));
@@ -241,8 +244,8 @@ fn map_into<V: Vector, O: Op<V>>(src: &[f32], dst: &mut [f32], tail_fill: f32, o
             op.apply(2, V::load(c)).store(oc);
             op.apply(3, V::load(d)).store(od);
         }
-        for (slot, (a, o)) in rest.iter().zip(out_rest).enumerate() {
-            op.apply(slot, V::load(a)).store(o);
+        for (a, o) in rest.iter().zip(out_rest) {
+            op.apply(0, V::load(a)).store(o);
         }
         if !tail.is_empty() {
             op.apply_tail(V::load_tail(tail, tail_fill))
@@ -264,8 +267,8 @@ fn map_in_place<V: Vector, O: Op<V>>(buf: &mut [f32], tail_fill: f32, op: &mut O
             op.apply(2, V::load(c)).store(c);
             op.apply(3, V::load(d)).store(d);
         }
-        for (slot, a) in rest.iter_mut().enumerate() {
-            op.apply(slot, V::load(a)).store(a);
+        for a in rest {
+            op.apply(0, V::load(a)).store(a);
         }
         if !tail.is_empty() {
             op.apply_tail(V::load_tail(tail, tail_fill))
@@ -282,6 +285,7 @@ struct MaxMin<V> {
 }
 
 impl<V: Vector> MaxMin<V> {
+    #[inline(always)]
     fn new() -> Self {
         MaxMin {
             max: [V::splat(f32::NEG_INFINITY); 4],
@@ -291,6 +295,7 @@ impl<V: Vector> MaxMin<V> {
 
     /// `(max, min)` over the lanes (NaN lanes may be skipped: NaN is detected by the sums). The
     /// min covers whole vectors only: the tail always takes the careful path.
+    #[inline(always)]
     fn result(&self) -> (f32, f32) {
         let [a, b, c, d] = self.max;
         let max = a.max(b).max(c.max(d)).reduce_max();
@@ -388,6 +393,7 @@ struct SumExp<V, const CAREFUL: bool> {
 }
 
 impl<V: Vector, const CAREFUL: bool> SumExp<V, CAREFUL> {
+    #[inline(always)]
     fn new(m: f32) -> Self {
         SumExp {
             m: V::splat(m),
@@ -418,6 +424,7 @@ impl<V: Vector, const CAREFUL: bool> SumExp<V, CAREFUL> {
         z.select_eq(ninf, V::splat(-1.0), e)
     }
 
+    #[inline(always)]
     fn stats(&self, max: f32) -> Stats {
         let shifted_sum = self.total_shifted;
         Stats {
@@ -450,19 +457,23 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<V, CAREFUL> {
         self.careful(3, z)
     }
 
+    #[inline(always)]
     fn end_block(&mut self) {
-        let zero = V::splat(0.0);
-        let reduce = |acc: &mut [V; 4]| {
-            let [a, b, c, d] = *acc;
-            *acc = [zero; 4];
-            a.add(b).add(c.add(d)).reduce_sum()
-        };
-        self.total_sum += reduce(&mut self.sum);
-        self.total_shifted += reduce(&mut self.shifted);
-        self.total_shifted += reduce(&mut self.scaled) * CAREFUL_UNSCALE;
-        self.total_allowed += reduce(&mut self.allowed) as u64 + self.fast_count;
+        self.total_sum += drain(&mut self.sum);
+        self.total_shifted += drain(&mut self.shifted);
+        self.total_shifted += drain(&mut self.scaled) * CAREFUL_UNSCALE;
+        self.total_allowed += drain(&mut self.allowed) as u64 + self.fast_count;
         self.fast_count = 0;
     }
+}
+
+/// The f64 sum of four accumulators, which are reset to zero. (A function, not a closure: closures
+/// do not inherit the target features of the backend function they are inlined into.)
+#[inline(always)]
+fn drain<V: Vector>(acc: &mut [V; 4]) -> f64 {
+    let [a, b, c, d] = *acc;
+    *acc = [V::splat(0.0); 4];
+    a.add(b).add(c.add(d)).reduce_sum()
 }
 
 /// Pass 3 of the reload strategy: `g = e * a - b` over the stored exps (`a = scale / s`,
