@@ -72,6 +72,65 @@ pub enum Error {
         /// The number of classes.
         classes: usize,
     },
+    /// Soft targets whose length is not a multiple of the number of classes.
+    TargetsLength {
+        /// The number of classes.
+        expected_multiple_of: usize,
+        /// The soft targets' length.
+        actual: usize,
+    },
+    /// Class weights whose length is not the number of classes.
+    WeightsLength {
+        /// The number of classes.
+        expected: usize,
+        /// The weights' length.
+        actual: usize,
+    },
+    /// A class weight that is negative, NaN or infinite.
+    InvalidWeight {
+        /// The class of the weight.
+        class: usize,
+        /// The weight.
+        value: f32,
+    },
+    /// An option value out of its domain (`z_loss` negative or non-finite; `softcap`,
+    /// `logit_scale` or `mean_denominator` not finite and positive; `upstream` not finite).
+    InvalidOption {
+        /// The option's builder method.
+        option: &'static str,
+        /// The rejected value.
+        value: f32,
+    },
+    /// A class mask whose length is not the number of classes.
+    MaskLength {
+        /// The number of classes.
+        expected: usize,
+        /// The mask's length.
+        actual: usize,
+    },
+    /// A class mask that allows no class.
+    MaskAllowsNoClass,
+    /// An [`Extras`](crate::Extras) slice whose length is not the number of rows.
+    ExtrasLength {
+        /// The field of `Extras`.
+        extra: &'static str,
+        /// The number of rows.
+        expected: usize,
+        /// The slice's length.
+        actual: usize,
+    },
+    /// A per-row upstream gradient that is NaN or infinite.
+    InvalidRowScale {
+        /// The row.
+        row: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A combination of options the crate does not define.
+    Unsupported {
+        /// What was combined.
+        what: &'static str,
+    },
     /// The requested backend is not compiled in or not supported by this CPU.
     BackendUnavailable {
         /// The backend that was asked for.
@@ -113,6 +172,41 @@ impl fmt::Display for Error {
             Error::SizeOverflow { rows, classes } => {
                 write!(f, "{rows} rows of {classes} classes overflow usize")
             }
+            Error::TargetsLength {
+                expected_multiple_of,
+                actual,
+            } => write!(
+                f,
+                "soft targets have {actual} elements, not a multiple of the {expected_multiple_of} classes"
+            ),
+            Error::WeightsLength { expected, actual } => write!(
+                f,
+                "class weights have {actual} elements, expected one per class = {expected}"
+            ),
+            Error::InvalidWeight { class, value } => write!(
+                f,
+                "the weight of class {class} is {value}; weights must be finite and >= 0"
+            ),
+            Error::InvalidOption { option, value } => {
+                write!(f, "{value} is not a valid value for {option}")
+            }
+            Error::MaskLength { expected, actual } => write!(
+                f,
+                "the class mask has {actual} elements, expected one per class = {expected}"
+            ),
+            Error::MaskAllowsNoClass => f.write_str("the class mask allows no class"),
+            Error::ExtrasLength {
+                extra,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "extras.{extra} has {actual} elements, expected one per row = {expected}"
+            ),
+            Error::InvalidRowScale { row, value } => {
+                write!(f, "the upstream gradient of row {row} is {value}, not finite")
+            }
+            Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::BackendUnavailable { backend } => {
                 write!(
                     f,

@@ -1,30 +1,34 @@
 //! The fused algorithm, written once over [`Vector`] and instantiated by every backend.
 //!
-//! Per row of `K` logits `z` with target `y`:
+//! Per row of `K` logits `z`, the kernel works on the transformed logits `t = f(z)` (`f` is the
+//! logit scale `s z`, or the soft-cap `c tanh(s z / c)`, both increasing) and two strategies:
 //!
-//! * **Reload** (rows up to [`RELOAD_MAX`] elements, the XNNPACK structure): pass 1 finds the max
-//!   `m` (and the min, to choose the careful variant below); pass 2 stores `e = exp(z - m)` into
-//!   the output while summing `e` and `z - m`; pass 3 turns the stored `e` into the gradient
-//!   `scale * (e / s - per_class)`. One exp per element.
-//! * **Recompute** (longer rows, and every forward-only call): statistics are gathered block by
-//!   block (max of the block, then its sums while it is in L1) and merged exactly; the gradient pass
-//!   recomputes `exp(z - m)`. Two exps per element, but the row is read from memory twice and
-//!   written once instead of read three times and written twice.
+//! * **Reload** (rows up to [`RELOAD_MAX`] elements and no soft-cap; the XNNPACK structure):
+//!   pass 1 finds the max and min of `z`; pass 2 stores `e = exp(t - m)` into the output while
+//!   summing `e`, `t - m` (and, with an auxiliary row `v` of class weights or target
+//!   probabilities, `v (t - m)` and `v`); pass 3 turns the stored `e` into the gradient. One exp
+//!   per element.
+//! * **Recompute** (longer rows, soft-capped rows, and every forward-only call): statistics are
+//!   gathered block by block (max of the block, then its sums while it is in L1) and merged
+//!   exactly; the gradient pass recomputes `exp(t - m)`. Two exps per element, but the row is read
+//!   from memory twice and written once instead of read three times and written twice.
 //!
-//! Sums run in four independent vector accumulators (no serial FMA chain) and are flushed to f64
-//! every [`BLOCK`] elements, so `K = 262144` keeps full accuracy. The loss uses the offset-free form
-//! `on*(m - z_y) + (on + per*K') ln s - per*S` with `S = sum (z - m)` (see `math.md`), and the
-//! target's gradient `p_y - q_y` is formed in f64 from `z_y`, never by cancellation of rounded
-//! values.
+//! Every loss option reduces to four per-row coefficients (see [`Coefficients`]):
+//! `loss = A ln s + B (m - t_y) - C sum v (t - m) - D sum (t - m)` and
+//! `dloss/dt_k = A' p_k - B [k = y] - C v_k - D`, with `A' = A + 2 lambda lse` for the z-loss.
+//! Sums run in four independent vector accumulators and are flushed to f64 every [`BLOCK`]
+//! elements. The target's gradient is formed in f64 from `z_y`, never by cancellation.
 //!
-//! Rows with a `-inf` logit (masked classes) or a range `max - min` so wide that `z - m` could
-//! overflow take the *careful* variant: masked lanes are excluded from the sums and counts by
-//! selects, the shifted sum is accumulated pre-scaled by `2^-41` so it cannot overflow, and pass 2
-//! stores `-1` (impossible for an exp) for masked lanes so pass 3 can zero them.
+//! Rows with a masked class (a `-inf` logit, or a class the class mask disallows) or a range so
+//! wide that `t - m` could overflow take the *careful* variant: masked lanes are excluded by
+//! selects, the shifted sums are accumulated pre-scaled by `2^-41` so they cannot overflow, and
+//! pass 2 stores `-1` (impossible for an exp) for masked lanes so pass 3 can zero them.
 
 use core::num::NonZeroUsize;
 
 use crate::exp::exp_nonpositive;
+use crate::tanh::tanh;
+use crate::targets::Targets;
 use crate::vector::Vector;
 use crate::Smoothing;
 
@@ -36,30 +40,90 @@ pub(crate) const BLOCK: usize = 4096;
 /// Rows longer than this use the recompute strategy for forward+backward.
 pub(crate) const RELOAD_MAX: usize = 1 << 18;
 
-/// Row ranges `max - min` above this take the careful variant (the fast variant's f32 accumulators
-/// could overflow past it: at most 128 elements land in one accumulator lane per block).
+/// Row ranges `max t - min t` above this take the careful variant (the fast variant's f32
+/// accumulators could overflow past it: at most 128 elements land in one accumulator lane per
+/// block).
 const FAST_RANGE_MAX: f32 = 1e36;
 
-/// The shifted sum is accumulated times `2^-41` in the careful variant.
+/// The shifted sums are accumulated times `2^-41` in the careful variant.
 const CAREFUL_SCALE: f32 = 1.0 / (1_u64 << 41) as f32;
 /// The inverse of [`CAREFUL_SCALE`].
 const CAREFUL_UNSCALE: f64 = (1_u64 << 41) as f64;
 
+/// How class weights apply.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Weights<'a> {
+    /// No weights.
+    None,
+    /// PyTorch's `weight`: the smoothing term is weighted too.
+    PerClass(&'a [f32]),
+    /// Keras-style: each row's loss and gradient times its target's weight.
+    PerTarget(&'a [f32]),
+}
+
+/// The logit transform `t = f(z)`: a scale, then optionally a soft-cap. Both are increasing, and
+/// `-inf` (a masked class) stays `-inf`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Transform {
+    /// `s > 0`, finite.
+    pub scale: f32,
+    /// `c > 0`, finite, if soft-capping.
+    pub cap: Option<f32>,
+}
+
+impl Transform {
+    /// `f(z)` in f64 (exact for the scale alone).
+    pub(crate) fn scalar(self, z: f32) -> f64 {
+        if z == f32::NEG_INFINITY {
+            return f64::NEG_INFINITY;
+        }
+        let scaled = f64::from(self.scale) * f64::from(z);
+        match self.cap {
+            Some(c) => f64::from(c) * libm::tanh(scaled / f64::from(c)),
+            None => scaled,
+        }
+    }
+
+    /// `f'(z)` in f64.
+    pub(crate) fn derivative(self, z: f32) -> f64 {
+        let s = f64::from(self.scale);
+        match self.cap {
+            Some(c) => {
+                let th = libm::tanh(s * f64::from(z) / f64::from(c));
+                s * (1.0 - th * th)
+            }
+            None => s,
+        }
+    }
+}
+
 /// One batch call, with every argument already checked.
-pub(crate) struct Job {
+pub(crate) struct Job<'a> {
     /// `K`.
     pub classes: NonZeroUsize,
     /// The smoothing, with `eps` in `[0, 1]`.
     pub smoothing: Smoothing,
     /// Rows with this target are ignored.
-    pub ignore_index: Option<u32>,
-    /// Factor applied to every gradient element (`1 / D` for the mean).
-    pub grad_scale: f32,
-    /// What the summed loss is divided by (the non-ignored count for the mean, else 1).
+    pub ignore_index: Option<i64>,
+    /// Factor applied to every gradient element: the upstream scalar, over `D` for the mean.
+    pub grad_scale: f64,
+    /// What the summed loss is divided by (`D` for the mean, else 1).
     pub denominator: f64,
+    /// Logit scale and soft-cap.
+    pub transform: Transform,
+    /// z-loss coefficient `lambda >= 0`.
+    pub z_loss: f64,
+    /// Class weights.
+    pub weights: Weights<'a>,
+    /// `true` for every allowed class, if a class mask is set.
+    pub class_mask: Option<&'a [bool]>,
+    /// Per-row upstream gradient scales (reduction `None`).
+    pub row_scales: Option<&'a [f32]>,
+    /// Whether per-row correctness is wanted (it costs a scan for soft targets).
+    pub want_correct: bool,
 }
 
-impl Job {
+impl Job<'_> {
     /// The reduced loss from the sum of row losses.
     pub(crate) fn finish(&self, total: f64) -> f32 {
         if self.denominator == 0.0 {
@@ -69,13 +133,24 @@ impl Job {
         }
     }
 
-    fn target(&self, target: u32) -> Option<usize> {
-        if Some(target) == self.ignore_index {
-            None
-        } else {
-            Some(target as usize)
+    /// Row `row`'s target, or `None` for an ignored row.
+    fn row_target<'t>(&self, targets: &Targets<'t>, row: usize) -> Option<RowTarget<'t>> {
+        if let Some(probabilities) = targets.soft_row(row, self.classes.get()) {
+            return Some(RowTarget::Soft(probabilities));
         }
+        let class = targets.class(row)?;
+        if Some(class) == self.ignore_index {
+            return None;
+        }
+        usize::try_from(class).ok().map(RowTarget::Class)
     }
+}
+
+/// The target of one non-ignored row.
+#[derive(Clone, Copy)]
+enum RowTarget<'t> {
+    Class(usize),
+    Soft(&'t [f32]),
 }
 
 /// Where a batch reads logits and writes gradients.
@@ -99,48 +174,98 @@ pub(crate) enum Buffers<'a> {
     },
 }
 
-/// Runs a whole batch; returns the sum of the row losses (f64).
+/// Per-row outputs of a batch; lengths already checked.
+pub(crate) struct Outputs<'o> {
+    pub losses: &'o mut [f32],
+    pub lse: Option<&'o mut [f32]>,
+    pub z_loss: Option<&'o mut [f32]>,
+    pub correct: Option<&'o mut [bool]>,
+}
+
+/// Sums over a batch.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Totals {
+    /// Sum of row losses (z-loss included).
+    pub loss: f64,
+    /// Sum of the z-loss parts.
+    pub z_loss: f64,
+    /// Non-ignored rows whose target attains the max.
+    pub correct: u64,
+}
+
+/// What one row contributes.
+#[derive(Clone, Copy, Default)]
+struct RowResult {
+    loss: f64,
+    z_loss: f64,
+    lse: f64,
+    correct: bool,
+}
+
+impl RowResult {
+    const NAN: RowResult = RowResult {
+        loss: f64::NAN,
+        z_loss: f64::NAN,
+        lse: f64::NAN,
+        correct: false,
+    };
+}
+
+/// Runs a whole batch.
 #[inline(always)]
 pub(crate) fn run<V: Vector>(
-    job: &Job,
-    targets: &[u32],
+    job: &Job<'_>,
+    targets: Targets<'_>,
     buffers: Buffers<'_>,
-    losses: &mut [f32],
-) -> f64 {
+    mut out: Outputs<'_>,
+) -> Totals {
     let k = job.classes.get();
-    let mut total = 0.0;
-    let rows = targets.iter().zip(losses.iter_mut());
+    let mut totals = Totals::default();
+    let mut record = |row: usize, r: RowResult| {
+        if let Some(slot) = out.losses.get_mut(row) {
+            *slot = r.loss as f32;
+        }
+        if let Some(slot) = out.lse.as_deref_mut().and_then(|s| s.get_mut(row)) {
+            *slot = r.lse as f32;
+        }
+        if let Some(slot) = out.z_loss.as_deref_mut().and_then(|s| s.get_mut(row)) {
+            *slot = r.z_loss as f32;
+        }
+        if let Some(slot) = out.correct.as_deref_mut().and_then(|s| s.get_mut(row)) {
+            *slot = r.correct;
+        }
+        totals.loss += r.loss;
+        totals.z_loss += r.z_loss;
+        totals.correct += u64::from(r.correct);
+    };
     match buffers {
         Buffers::Forward { logits } => {
-            for (z, (&t, loss)) in logits.chunks_exact(k).zip(rows) {
-                let row_loss = match job.target(t) {
-                    Some(y) => forward_row::<V>(job.smoothing, z, y),
-                    None => 0.0,
+            for (row, z) in logits.chunks_exact(k).enumerate() {
+                let result = match job.row_target(&targets, row) {
+                    Some(target) => forward_row::<V>(job, z, target),
+                    None => RowResult::default(),
                 };
-                *loss = row_loss as f32;
-                total += row_loss;
+                record(row, result);
             }
         }
         Buffers::Separate { logits, grad } => {
-            for ((z, g), (&t, loss)) in logits
+            for (row, (z, g)) in logits
                 .chunks_exact(k)
                 .zip(grad.chunks_exact_mut(k))
-                .zip(rows)
+                .enumerate()
             {
-                let row_loss = gradient_row::<V>(job, Io::Separate(z, g), t);
-                *loss = row_loss as f32;
-                total += row_loss;
+                let target = job.row_target(&targets, row);
+                record(row, gradient_row::<V>(job, Io::Separate(z, g), target, row));
             }
         }
         Buffers::InPlace { logits } => {
-            for (z, (&t, loss)) in logits.chunks_exact_mut(k).zip(rows) {
-                let row_loss = gradient_row::<V>(job, Io::InPlace(z), t);
-                *loss = row_loss as f32;
-                total += row_loss;
+            for (row, z) in logits.chunks_exact_mut(k).enumerate() {
+                let target = job.row_target(&targets, row);
+                record(row, gradient_row::<V>(job, Io::InPlace(z), target, row));
             }
         }
     }
-    total
+    totals
 }
 
 /// One row's source and destination.
@@ -195,12 +320,13 @@ impl Io<'_> {
 
 /// A lane-wise operation over a row, with state (accumulators) of its own.
 pub(crate) trait Op<V: Vector> {
-    /// Processes one whole vector using accumulator `slot` (0..4); returns what to store.
-    fn apply(&mut self, slot: usize, z: V) -> V;
+    /// Processes the whole vector starting at element `offset` of the row, using accumulator
+    /// `slot` (0..4); returns what to store.
+    fn apply(&mut self, slot: usize, offset: usize, z: V) -> V;
     /// Processes the last, partial vector (padding lanes hold the tail fill value).
     #[inline(always)]
-    fn apply_tail(&mut self, z: V) -> V {
-        self.apply(3, z)
+    fn apply_tail(&mut self, offset: usize, z: V) -> V {
+        self.apply(3, offset, z)
     }
     /// Called after every [`BLOCK`] elements and at the end.
     #[inline(always)]
@@ -210,21 +336,25 @@ pub(crate) trait Op<V: Vector> {
 /// `op` over `src`, block by block, four vectors at a time, results ignored.
 #[inline(always)]
 fn fold<V: Vector, O: Op<V>>(src: &[f32], tail_fill: f32, op: &mut O) {
+    let mut offset = 0;
     for block in src.chunks(BLOCK) {
         let (arrays, tail) = V::split(block);
         let (quads, rest) = arrays.as_chunks::<4>();
         for [a, b, c, d] in quads {
-            op.apply(0, V::load(a));
-            op.apply(1, V::load(b));
-            op.apply(2, V::load(c));
-            op.apply(3, V::load(d));
+            op.apply(0, offset, V::load(a));
+            op.apply(1, offset + V::LANES, V::load(b));
+            op.apply(2, offset + 2 * V::LANES, V::load(c));
+            op.apply(3, offset + 3 * V::LANES, V::load(d));
+            offset += 4 * V::LANES;
         }
         // A constant slot: a run-time index would force the accumulators out of registers.
         for a in rest {
-            op.apply(0, V::load(a));
+            op.apply(0, offset, V::load(a));
+            offset += V::LANES;
         }
         if !tail.is_empty() {
-            op.apply_tail(V::load_tail(tail, tail_fill));
+            op.apply_tail(offset, V::load_tail(tail, tail_fill));
+            offset += tail.len();
         }
         op.end_block();
     }
@@ -233,23 +363,27 @@ fn fold<V: Vector, O: Op<V>>(src: &[f32], tail_fill: f32, op: &mut O) {
 /// `op` over `src`, results stored into `dst` (same length).
 #[inline(always)]
 fn map_into<V: Vector, O: Op<V>>(src: &[f32], dst: &mut [f32], tail_fill: f32, op: &mut O) {
+    let mut offset = 0;
     for (block, out) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
         let (arrays, tail) = V::split(block);
         let (out_arrays, out_tail) = V::split_mut(out);
         let (quads, rest) = arrays.as_chunks::<4>();
         let (out_quads, out_rest) = out_arrays.as_chunks_mut::<4>();
         for ([a, b, c, d], [oa, ob, oc, od]) in quads.iter().zip(out_quads) {
-            op.apply(0, V::load(a)).store(oa);
-            op.apply(1, V::load(b)).store(ob);
-            op.apply(2, V::load(c)).store(oc);
-            op.apply(3, V::load(d)).store(od);
+            op.apply(0, offset, V::load(a)).store(oa);
+            op.apply(1, offset + V::LANES, V::load(b)).store(ob);
+            op.apply(2, offset + 2 * V::LANES, V::load(c)).store(oc);
+            op.apply(3, offset + 3 * V::LANES, V::load(d)).store(od);
+            offset += 4 * V::LANES;
         }
         for (a, o) in rest.iter().zip(out_rest) {
-            op.apply(0, V::load(a)).store(o);
+            op.apply(0, offset, V::load(a)).store(o);
+            offset += V::LANES;
         }
         if !tail.is_empty() {
-            op.apply_tail(V::load_tail(tail, tail_fill))
+            op.apply_tail(offset, V::load_tail(tail, tail_fill))
                 .store_tail(out_tail);
+            offset += tail.len();
         }
         op.end_block();
     }
@@ -258,38 +392,71 @@ fn map_into<V: Vector, O: Op<V>>(src: &[f32], dst: &mut [f32], tail_fill: f32, o
 /// `op` over `buf`, results stored back in place.
 #[inline(always)]
 fn map_in_place<V: Vector, O: Op<V>>(buf: &mut [f32], tail_fill: f32, op: &mut O) {
+    let mut offset = 0;
     for block in buf.chunks_mut(BLOCK) {
         let (arrays, tail) = V::split_mut(block);
         let (quads, rest) = arrays.as_chunks_mut::<4>();
         for [a, b, c, d] in quads {
-            op.apply(0, V::load(a)).store(a);
-            op.apply(1, V::load(b)).store(b);
-            op.apply(2, V::load(c)).store(c);
-            op.apply(3, V::load(d)).store(d);
+            op.apply(0, offset, V::load(a)).store(a);
+            op.apply(1, offset + V::LANES, V::load(b)).store(b);
+            op.apply(2, offset + 2 * V::LANES, V::load(c)).store(c);
+            op.apply(3, offset + 3 * V::LANES, V::load(d)).store(d);
+            offset += 4 * V::LANES;
         }
         for a in rest {
-            op.apply(0, V::load(a)).store(a);
+            op.apply(0, offset, V::load(a)).store(a);
+            offset += V::LANES;
         }
         if !tail.is_empty() {
-            op.apply_tail(V::load_tail(tail, tail_fill))
+            let len = tail.len();
+            op.apply_tail(offset, V::load_tail(tail, tail_fill))
                 .store_tail(tail);
+            offset += len;
         }
         op.end_block();
     }
 }
 
-/// Max and min of a row.
-struct MaxMin<V> {
-    max: [V; 4],
-    min: [V; 4],
+/// The vector of `s[offset..offset + LANES]`, padded with `fill` past the end.
+#[inline(always)]
+fn load_at<V: Vector>(s: &[f32], offset: usize, fill: f32) -> V {
+    let rest = s.get(offset..).unwrap_or(&[]);
+    let (arrays, tail) = V::split(rest);
+    match arrays.first() {
+        Some(a) => V::load(a),
+        None => V::load_tail(tail, fill),
+    }
 }
 
-impl<V: Vector> MaxMin<V> {
+/// `z` with the lanes that the class mask disallows replaced by `-inf` (past the end of the
+/// mask: `-inf` too, which only tail padding can reach).
+#[inline(always)]
+fn apply_mask<V: Vector>(mask: &[bool], offset: usize, z: V) -> V {
+    let mut allowed = V::splat(0.0).to_array();
+    for (lane, &ok) in allowed
+        .as_mut()
+        .iter_mut()
+        .zip(mask.get(offset..).unwrap_or(&[]))
+    {
+        *lane = if ok { 1.0 } else { 0.0 };
+    }
+    V::load(&allowed).select_eq(V::splat(0.0), V::splat(f32::NEG_INFINITY), z)
+}
+
+/// Max and min of a row of raw logits (masked lanes excluded from the max).
+struct MaxMin<'m, V> {
+    max: [V; 4],
+    min: [V; 4],
+    mask: Option<&'m [bool]>,
+}
+
+impl<'m, V: Vector> MaxMin<'m, V> {
     #[inline(always)]
-    fn new() -> Self {
+    fn new(mask: Option<&'m [bool]>) -> Self {
         MaxMin {
             max: [V::splat(f32::NEG_INFINITY); 4],
             min: [V::splat(f32::INFINITY); 4],
+            mask,
         }
     }
 
@@ -305,34 +472,49 @@ impl<V: Vector> MaxMin<V> {
     }
 }
 
-impl<V: Vector> Op<V> for MaxMin<V> {
+impl<V: Vector> Op<V> for MaxMin<'_, V> {
     #[inline(always)]
-    fn apply(&mut self, slot: usize, z: V) -> V {
+    fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
+        let z = match self.mask {
+            Some(mask) => apply_mask(mask, offset, z),
+            None => z,
+        };
         self.max[slot] = self.max[slot].max(z);
         self.min[slot] = self.min[slot].min(z);
         z
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, z: V) -> V {
+    fn apply_tail(&mut self, offset: usize, z: V) -> V {
         // The tail is padded with -inf: harmless for the max, meaningless for the min.
+        let z = match self.mask {
+            Some(mask) => apply_mask(mask, offset, z),
+            None => z,
+        };
         self.max[3] = self.max[3].max(z);
         z
     }
 }
 
-/// The statistics of a row or a piece of a row, relative to its own max: exact to merge.
-#[derive(Clone, Copy, Debug)]
+/// The statistics of a row or a piece of a row in the transformed space, relative to its own
+/// max: exact to merge.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Stats {
-    /// Max over the allowed (non -inf) elements; `-inf` when there is none.
+    /// Max of `t` over the allowed elements; `-inf` when there is none.
     pub max: f32,
-    /// `sum exp(z - max)` over allowed elements.
+    /// `sum exp(t - max)` over allowed elements.
     pub sum_exp: f64,
-    /// `sum (z - max)` over allowed elements.
+    /// `sum (t - max)` over allowed elements.
     pub shifted_sum: f64,
     /// Number of allowed elements.
     pub allowed: u64,
+    /// `sum v (t - max)` over allowed elements (auxiliary row `v`).
+    pub aux_shifted: f64,
+    /// `sum v` over allowed elements.
+    pub aux_sum: f64,
+    /// `sum v` over masked elements.
+    pub aux_masked: f64,
     /// A NaN or `+inf` was seen.
     pub invalid: bool,
 }
@@ -343,17 +525,30 @@ impl Stats {
         sum_exp: 0.0,
         shifted_sum: 0.0,
         allowed: 0,
+        aux_shifted: 0.0,
+        aux_sum: 0.0,
+        aux_masked: 0.0,
         invalid: false,
     };
 
-    /// The statistics of the union of two disjoint pieces.
+    /// The statistics of the union of two disjoint pieces (associative and commutative up to
+    /// f64 rounding).
     pub(crate) fn merge(self, other: Stats) -> Stats {
         let invalid = self.invalid || other.invalid;
+        let aux_masked = self.aux_masked + other.aux_masked;
         if other.allowed == 0 {
-            return Stats { invalid, ..self };
+            return Stats {
+                invalid,
+                aux_masked,
+                ..self
+            };
         }
         if self.allowed == 0 {
-            return Stats { invalid, ..other };
+            return Stats {
+                invalid,
+                aux_masked,
+                ..other
+            };
         }
         let max = if other.max > self.max {
             other.max
@@ -361,109 +556,221 @@ impl Stats {
             self.max
         };
         let m = f64::from(max);
-        let shift = |st: &Stats| f64::from(st.max) - m;
+        let rebase = |st: &Stats| {
+            let shift = f64::from(st.max) - m;
+            (
+                st.sum_exp * libm::exp(shift),
+                st.shifted_sum + st.allowed as f64 * shift,
+                st.aux_shifted + st.aux_sum * shift,
+            )
+        };
+        let (s1, sh1, a1) = rebase(&self);
+        let (s2, sh2, a2) = rebase(&other);
         Stats {
             max,
-            sum_exp: self.sum_exp * libm::exp(shift(&self))
-                + other.sum_exp * libm::exp(shift(&other)),
-            shifted_sum: self.shifted_sum
-                + self.allowed as f64 * shift(&self)
-                + other.shifted_sum
-                + other.allowed as f64 * shift(&other),
+            sum_exp: s1 + s2,
+            shifted_sum: sh1 + sh2,
             allowed: self.allowed + other.allowed,
+            aux_shifted: a1 + a2,
+            aux_sum: self.aux_sum + other.aux_sum,
+            aux_masked,
             invalid,
         }
     }
 }
 
-/// Pass 2: `e = exp(z - m)`, summed with `z - m`; returns `e` (or `-1` for masked lanes in the
-/// careful variant). Flushes into f64 at every block end.
-struct SumExp<V, const CAREFUL: bool> {
+/// The per-row constants every vector op needs.
+#[derive(Clone, Copy)]
+struct Lanes<'a, V> {
+    /// `m`, the max of `t`.
     m: V,
-    sum: [V; 4],
-    shifted: [V; 4],
-    /// `(z - m) * 2^-41`, from the careful lanes.
-    scaled: [V; 4],
-    allowed: [V; 4],
-    /// Elements seen through the fast `apply` (all allowed).
-    fast_count: u64,
-    total_sum: f64,
-    total_shifted: f64,
-    total_allowed: u64,
+    /// The logit scale `s`.
+    scale: V,
+    /// `c` and `s / c`, if soft-capping.
+    cap: Option<(V, V)>,
+    /// The auxiliary row, if any.
+    aux: Option<&'a [f32]>,
+    /// The class mask, if any.
+    mask: Option<&'a [bool]>,
 }
 
-impl<V: Vector, const CAREFUL: bool> SumExp<V, CAREFUL> {
+impl<'a, V: Vector> Lanes<'a, V> {
     #[inline(always)]
-    fn new(m: f32) -> Self {
-        SumExp {
+    fn new(m: f32, transform: Transform, aux: Option<&'a [f32]>, mask: Option<&'a [bool]>) -> Self {
+        Lanes {
             m: V::splat(m),
-            sum: [V::splat(0.0); 4],
-            shifted: [V::splat(0.0); 4],
-            scaled: [V::splat(0.0); 4],
-            allowed: [V::splat(0.0); 4],
-            fast_count: 0,
-            total_sum: 0.0,
-            total_shifted: 0.0,
-            total_allowed: 0,
+            scale: V::splat(transform.scale),
+            cap: transform
+                .cap
+                .map(|c| (V::splat(c), V::splat(transform.scale / c))),
+            aux,
+            mask,
         }
     }
 
-    /// The careful lane update: masked lanes (`-inf`, also the tail padding) count for nothing,
-    /// and the shifted sum is formed as `(z - m) * 2^-41` without overflow.
+    /// `t` for a vector of raw logits (masked lanes may come out finite with a soft-cap: callers
+    /// that can see masked lanes select them away).
     #[inline(always)]
-    fn careful(&mut self, slot: usize, z: V) -> V {
+    fn transformed(&self, z: V) -> V {
+        match self.cap {
+            Some((c, s_over_c)) => tanh(z.mul(s_over_c)).mul(c),
+            None => z.mul(self.scale),
+        }
+    }
+
+    /// `t - m`.
+    #[inline(always)]
+    fn shifted(&self, z: V) -> V {
+        match self.cap {
+            Some(_) => self.transformed(z).sub(self.m),
+            None => z.mul_add(self.scale, V::splat(0.0).sub(self.m)),
+        }
+    }
+
+    /// `(t - m) * 2^-41`, never overflowing.
+    #[inline(always)]
+    fn shifted_scaled(&self, z: V) -> V {
+        let c = V::splat(CAREFUL_SCALE);
+        match self.cap {
+            Some(_) => self.shifted(z).mul(c),
+            None => z.mul(self.scale.mul(c)).sub(self.m.mul(c)),
+        }
+    }
+
+    #[inline(always)]
+    fn masked(&self, offset: usize, z: V) -> V {
+        match self.mask {
+            Some(mask) => apply_mask(mask, offset, z),
+            None => z,
+        }
+    }
+
+    #[inline(always)]
+    fn aux_at(&self, offset: usize) -> V {
+        match self.aux {
+            Some(aux) => load_at(aux, offset, 0.0),
+            None => V::splat(0.0),
+        }
+    }
+}
+
+/// Pass 2: `e = exp(t - m)`, summed with `t - m` (and the auxiliary sums); returns `e` (or `-1`
+/// for masked lanes in the careful variant). Flushes into f64 at every block end.
+struct SumExp<'a, V, const CAREFUL: bool, const AUX: bool> {
+    lanes: Lanes<'a, V>,
+    sum: [V; 4],
+    shifted: [V; 4],
+    aux_shifted: [V; 4],
+    aux_sum: [V; 4],
+    /// Careful lanes: `(t - m) * 2^-41`, allowed count, `v (t - m) 2^-41`, masked `v`.
+    scaled: V,
+    allowed: V,
+    aux_scaled: V,
+    aux_masked: V,
+    /// Elements seen through the fast `apply` (all allowed).
+    fast_count: u64,
+    total: Stats,
+}
+
+impl<'a, V: Vector, const CAREFUL: bool, const AUX: bool> SumExp<'a, V, CAREFUL, AUX> {
+    #[inline(always)]
+    fn new(max: f32, lanes: Lanes<'a, V>) -> Self {
+        let zero = V::splat(0.0);
+        SumExp {
+            lanes,
+            sum: [zero; 4],
+            shifted: [zero; 4],
+            aux_shifted: [zero; 4],
+            aux_sum: [zero; 4],
+            scaled: zero,
+            allowed: zero,
+            aux_scaled: zero,
+            aux_masked: zero,
+            fast_count: 0,
+            total: Stats {
+                max,
+                ..Stats::EMPTY
+            },
+        }
+    }
+
+    /// The careful lane update: masked lanes (`-inf`, disallowed classes, the tail padding) count
+    /// for nothing, and the shifted sums are formed pre-scaled so they cannot overflow.
+    #[inline(always)]
+    fn careful(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
         let ninf = V::splat(f32::NEG_INFINITY);
         let zero = V::splat(0.0);
-        let e = exp_nonpositive(z.sub(self.m));
+        let z = self.lanes.masked(offset, z);
+        let e = z.select_eq(ninf, zero, exp_nonpositive(self.lanes.shifted(z)));
         self.sum[slot] = self.sum[slot].add(e);
-        let c = V::splat(CAREFUL_SCALE);
-        let scaled = z.mul(c).sub(self.m.mul(c));
-        self.scaled[slot] = self.scaled[slot].add(z.select_eq(ninf, zero, scaled));
-        self.allowed[slot] = self.allowed[slot].add(z.select_eq(ninf, zero, V::splat(1.0)));
+        let scaled = z.select_eq(ninf, zero, self.lanes.shifted_scaled(z));
+        self.scaled = self.scaled.add(scaled);
+        self.allowed = self.allowed.add(z.select_eq(ninf, zero, V::splat(1.0)));
+        if AUX {
+            let v = self.lanes.aux_at(offset);
+            self.aux_scaled = v.mul_add(scaled, self.aux_scaled);
+            self.aux_sum[slot] = self.aux_sum[slot].add(z.select_eq(ninf, zero, v));
+            self.aux_masked = self.aux_masked.add(z.select_eq(ninf, v, zero));
+        }
         z.select_eq(ninf, V::splat(-1.0), e)
     }
 
     #[inline(always)]
-    fn stats(&self, max: f32) -> Stats {
-        let shifted_sum = self.total_shifted;
+    fn stats(&self) -> Stats {
         Stats {
-            max,
-            sum_exp: self.total_sum,
-            shifted_sum,
-            allowed: self.total_allowed,
-            invalid: shifted_sum.is_nan() || self.total_sum.is_nan(),
+            invalid: self.total.shifted_sum.is_nan()
+                || self.total.sum_exp.is_nan()
+                || self.total.aux_shifted.is_nan(),
+            ..self.total
         }
     }
 }
 
-impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<V, CAREFUL> {
+impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for SumExp<'_, V, CAREFUL, AUX> {
     #[inline(always)]
-    fn apply(&mut self, slot: usize, z: V) -> V {
+    fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
         if CAREFUL {
-            return self.careful(slot, z);
+            return self.careful(slot, offset, z);
         }
         let slot = slot & 3;
-        let t = z.sub(self.m);
+        let t = self.lanes.shifted(z);
         let e = exp_nonpositive(t);
         self.sum[slot] = self.sum[slot].add(e);
         self.shifted[slot] = self.shifted[slot].add(t);
+        if AUX {
+            let v = self.lanes.aux_at(offset);
+            self.aux_shifted[slot] = v.mul_add(t, self.aux_shifted[slot]);
+            self.aux_sum[slot] = self.aux_sum[slot].add(v);
+        }
         self.fast_count += V::LANES as u64;
         e
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, z: V) -> V {
-        self.careful(3, z)
+    fn apply_tail(&mut self, offset: usize, z: V) -> V {
+        self.careful(3, offset, z)
     }
 
     #[inline(always)]
     fn end_block(&mut self) {
-        self.total_sum += drain(&mut self.sum);
-        self.total_shifted += drain(&mut self.shifted);
-        self.total_shifted += drain(&mut self.scaled) * CAREFUL_UNSCALE;
-        self.total_allowed += drain(&mut self.allowed) as u64 + self.fast_count;
+        let zero = V::splat(0.0);
+        let t = &mut self.total;
+        t.sum_exp += drain(&mut self.sum);
+        t.shifted_sum += drain(&mut self.shifted);
+        t.shifted_sum += self.scaled.reduce_sum() * CAREFUL_UNSCALE;
+        t.allowed += self.allowed.reduce_sum() as u64 + self.fast_count;
+        self.scaled = zero;
+        self.allowed = zero;
         self.fast_count = 0;
+        if AUX {
+            t.aux_shifted += drain(&mut self.aux_shifted);
+            t.aux_shifted += self.aux_scaled.reduce_sum() * CAREFUL_UNSCALE;
+            t.aux_sum += drain(&mut self.aux_sum);
+            t.aux_masked += self.aux_masked.reduce_sum();
+            self.aux_scaled = zero;
+            self.aux_masked = zero;
+        }
     }
 }
 
@@ -476,221 +783,509 @@ fn drain<V: Vector>(acc: &mut [V; 4]) -> f64 {
     a.add(b).add(c.add(d)).reduce_sum()
 }
 
-/// Pass 3 of the reload strategy: `g = e * a - b` over the stored exps (`a = scale / s`,
-/// `b = scale * per_class`). The careful variant zeroes lanes holding the masked marker `-1`.
-struct Scale<V, const CAREFUL: bool> {
+/// The gradient constants of a row, per element: `g = e * a + b + c * v`, all chain factors of the
+/// logit scale folded in (`a = s A' scale / sum`, `b = -s D scale`, `c = -s C scale`).
+#[derive(Clone, Copy)]
+struct GradLanes<V> {
     a: V,
-    minus_b: V,
+    b: V,
+    c: V,
 }
 
-impl<V: Vector, const CAREFUL: bool> Op<V> for Scale<V, CAREFUL> {
+/// Pass 3 of the reload strategy, over the stored exps. The careful variant zeroes lanes holding
+/// the masked marker `-1`.
+struct Scale<'a, V, const CAREFUL: bool, const AUX: bool> {
+    grad: GradLanes<V>,
+    aux: Option<&'a [f32]>,
+}
+
+impl<V: Vector, const CAREFUL: bool, const AUX: bool> Scale<'_, V, CAREFUL, AUX> {
     #[inline(always)]
-    fn apply(&mut self, _slot: usize, e: V) -> V {
-        let g = e.mul_add(self.a, self.minus_b);
+    fn careful(&self, offset: usize, e: V) -> V {
+        let zero = V::splat(0.0);
+        e.select_lt(zero, zero, self.plain(offset, e))
+    }
+
+    #[inline(always)]
+    fn plain(&self, offset: usize, e: V) -> V {
+        let g = e.mul_add(self.grad.a, self.grad.b);
+        match (AUX, self.aux) {
+            (true, Some(aux)) => load_at::<V>(aux, offset, 0.0).mul_add(self.grad.c, g),
+            _ => g,
+        }
+    }
+}
+
+impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for Scale<'_, V, CAREFUL, AUX> {
+    #[inline(always)]
+    fn apply(&mut self, _slot: usize, offset: usize, e: V) -> V {
         if CAREFUL {
-            let zero = V::splat(0.0);
-            e.select_lt(zero, zero, g)
+            self.careful(offset, e)
+        } else {
+            self.plain(offset, e)
+        }
+    }
+
+    #[inline(always)]
+    fn apply_tail(&mut self, offset: usize, e: V) -> V {
+        self.careful(offset, e)
+    }
+}
+
+/// Pass 2 of the recompute strategy: `g = (exp(t - m) a + b + c v) f'(z)`, masked lanes zero
+/// when careful.
+struct Recompute<'a, V, const CAREFUL: bool, const AUX: bool> {
+    lanes: Lanes<'a, V>,
+    grad: GradLanes<V>,
+}
+
+impl<V: Vector, const CAREFUL: bool, const AUX: bool> Recompute<'_, V, CAREFUL, AUX> {
+    #[inline(always)]
+    fn plain(&self, offset: usize, z: V) -> V {
+        let e = exp_nonpositive(self.lanes.shifted(z));
+        let g = e.mul_add(self.grad.a, self.grad.b);
+        let g = if AUX {
+            self.lanes.aux_at(offset).mul_add(self.grad.c, g)
         } else {
             g
+        };
+        match self.lanes.cap {
+            // The soft-cap's chain factor 1 - (t/c)^2 (its scale s is folded into a, b, c).
+            Some((c, _)) => {
+                let r = self.lanes.transformed(z).div(c);
+                let one = V::splat(1.0);
+                g.mul(r.mul(V::splat(0.0).sub(r)).add(one))
+            }
+            None => g,
         }
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, e: V) -> V {
-        let zero = V::splat(0.0);
-        e.select_lt(zero, zero, e.mul_add(self.a, self.minus_b))
+    fn careful(&self, offset: usize, z: V) -> V {
+        let z = self.lanes.masked(offset, z);
+        z.select_eq(
+            V::splat(f32::NEG_INFINITY),
+            V::splat(0.0),
+            self.plain(offset, z),
+        )
     }
 }
 
-/// Pass 2 of the recompute strategy: `g = exp(z - m) * a - b`, masked lanes zero when careful.
-struct Recompute<V, const CAREFUL: bool> {
-    m: V,
-    a: V,
-    minus_b: V,
-}
-
-impl<V: Vector, const CAREFUL: bool> Recompute<V, CAREFUL> {
+impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for Recompute<'_, V, CAREFUL, AUX> {
     #[inline(always)]
-    fn careful(&self, z: V) -> V {
-        let g = exp_nonpositive(z.sub(self.m)).mul_add(self.a, self.minus_b);
-        z.select_eq(V::splat(f32::NEG_INFINITY), V::splat(0.0), g)
-    }
-}
-
-impl<V: Vector, const CAREFUL: bool> Op<V> for Recompute<V, CAREFUL> {
-    #[inline(always)]
-    fn apply(&mut self, _slot: usize, z: V) -> V {
+    fn apply(&mut self, _slot: usize, offset: usize, z: V) -> V {
         if CAREFUL {
-            self.careful(z)
+            self.careful(offset, z)
         } else {
-            exp_nonpositive(z.sub(self.m)).mul_add(self.a, self.minus_b)
+            self.plain(offset, z)
         }
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, z: V) -> V {
-        self.careful(z)
+    fn apply_tail(&mut self, offset: usize, z: V) -> V {
+        self.careful(offset, z)
     }
 }
 
-/// Whether a row (or block) with this max and min needs the careful variant. True for a `-inf`
-/// min (masked classes), NaN, and ranges so wide that the fast f32 sums could overflow.
+/// Whether a row (or block) with this transformed max and min needs the careful variant. True
+/// for a `-inf` min (masked classes), NaN, and ranges so wide that the fast f32 sums could
+/// overflow.
 fn needs_care(max: f32, min: f32) -> bool {
     let range = max - min;
     range.is_nan() || range > FAST_RANGE_MAX
 }
 
-/// The statistics of a row whose max is not a finite number: NaN/`+inf` rows are invalid, a row of
-/// only `-inf` (and maybe NaN) has no allowed class. `None` for a finite max.
-fn degenerate(max: f32, z: &[f32]) -> Option<Stats> {
+/// The statistics of a row whose max is not a finite number: NaN/`+inf` rows are invalid, a row
+/// with no allowed class has none. `None` for a finite max.
+fn degenerate(max: f32, z: &[f32], mask: Option<&[bool]>) -> Option<Stats> {
     if max.is_finite() {
         return None;
     }
     // A NaN-dropping max can report -inf for a row of NaN and -inf: look again.
-    let invalid = max.is_nan() || max == f32::INFINITY || z.iter().any(|x| x.is_nan());
+    let allowed = |k: usize| mask.is_none_or(|m| m.get(k).copied().unwrap_or(false));
+    let nan = z.iter().enumerate().any(|(k, x)| x.is_nan() && allowed(k));
     Some(Stats {
-        invalid,
+        invalid: max.is_nan() || max == f32::INFINITY || nan,
         ..Stats::EMPTY
     })
 }
 
-/// The sums of `z` relative to its max, without storing anything.
+/// `f(x)` rounded to f32, `-inf` kept.
+fn transform_f32(transform: Transform, x: f32) -> f32 {
+    transform.scalar(x) as f32
+}
+
+/// The sums of `z` (one block at most) relative to the transformed max, storing nothing.
 #[inline(always)]
-fn sums_of<V: Vector>(z: &[f32], max: f32, min: f32) -> Stats {
-    if let Some(stats) = degenerate(max, z) {
+fn block_stats<V: Vector>(
+    z: &[f32],
+    transform: Transform,
+    aux: Option<&[f32]>,
+    mask: Option<&[bool]>,
+) -> Stats {
+    let mut mm = MaxMin::<V>::new(mask);
+    fold(z, f32::NEG_INFINITY, &mut mm);
+    let (zmax, zmin) = mm.result();
+    if let Some(stats) = degenerate(zmax, z, mask) {
         return stats;
     }
-    if needs_care(max, min) {
-        let mut op = SumExp::<V, true>::new(max);
-        fold(z, f32::NEG_INFINITY, &mut op);
-        op.stats(max)
-    } else {
-        let mut op = SumExp::<V, false>::new(max);
-        fold(z, f32::NEG_INFINITY, &mut op);
-        op.stats(max)
+    let (m, tmin) = (
+        transform_f32(transform, zmax),
+        transform_f32(transform, zmin),
+    );
+    let lanes = Lanes::new(m, transform, aux, mask);
+    match (needs_care(m, tmin) || mask.is_some(), aux.is_some()) {
+        (true, true) => sums_fold::<V, true, true>(z, m, lanes),
+        (true, false) => sums_fold::<V, true, false>(z, m, lanes),
+        (false, true) => sums_fold::<V, false, true>(z, m, lanes),
+        (false, false) => sums_fold::<V, false, false>(z, m, lanes),
     }
 }
 
-/// Max and min of `z`.
 #[inline(always)]
-fn max_min<V: Vector>(z: &[f32]) -> (f32, f32) {
-    let mut op = MaxMin::<V>::new();
+fn sums_fold<V: Vector, const CAREFUL: bool, const AUX: bool>(
+    z: &[f32],
+    m: f32,
+    lanes: Lanes<'_, V>,
+) -> Stats {
+    let mut op = SumExp::<V, CAREFUL, AUX>::new(m, lanes);
     fold(z, f32::NEG_INFINITY, &mut op);
-    op.result()
+    op.stats()
 }
 
 /// The statistics of a row or piece, block by block: each block is read from memory once (its
 /// second pass hits L1), and the blocks merge exactly.
 #[inline(always)]
-pub(crate) fn stats<V: Vector>(z: &[f32]) -> Stats {
+pub(crate) fn stats<V: Vector>(
+    z: &[f32],
+    transform: Transform,
+    aux: Option<&[f32]>,
+    mask: Option<&[bool]>,
+) -> Stats {
     let mut total = Stats::EMPTY;
-    for block in z.chunks(BLOCK) {
-        let (max, min) = max_min::<V>(block);
-        total = total.merge(sums_of::<V>(block, max, min));
+    for (i, block) in z.chunks(BLOCK).enumerate() {
+        let start = i * BLOCK;
+        let sub_aux = aux.map(|a| a.get(start..).unwrap_or(&[]));
+        let sub_mask = mask.map(|m| m.get(start..).unwrap_or(&[]));
+        total = total.merge(block_stats::<V>(block, transform, sub_aux, sub_mask));
     }
     total
 }
 
-/// The loss of a row from its statistics and its target's logit, in f64:
-/// `on*(m - z_y) + (on + per*K') ln s - per*S`, each term skipped when its coefficient is 0 so
-/// that `0 * inf` never makes a NaN.
-pub(crate) fn row_loss(smoothing: Smoothing, stats: &Stats, target_logit: f32) -> f64 {
-    if stats.invalid {
-        return f64::NAN;
+/// Per-row coefficients: `loss = A ln s + B (m - t_y) - C sum v (t - m) - D sum (t - m)` (times
+/// `row_weight`), `dloss/dt_k = A p_k - B [k = y] - C v_k - D [k allowed]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Coefficients {
+    pub a: f64,
+    pub b: f64,
+    pub c: f64,
+    pub d: f64,
+    /// Keras-style per-target weight of the whole row.
+    pub row_weight: f64,
+}
+
+impl Coefficients {
+    /// The coefficients of a row with statistics `stats`, target `target` (a class whose logit
+    /// is allowed or not, or soft targets), smoothing and weights.
+    fn new(job: &Job<'_>, stats: &Stats, target: RowTarget<'_>, target_allowed: bool) -> Self {
+        match target {
+            RowTarget::Soft(_) => {
+                let per = f64::from(job.smoothing.eps()) / stats.allowed.max(1) as f64;
+                let keep = 1.0 - f64::from(job.smoothing.eps());
+                Coefficients {
+                    a: keep * stats.aux_sum + per * stats.allowed as f64,
+                    b: 0.0,
+                    c: keep,
+                    d: per,
+                    row_weight: 1.0,
+                }
+            }
+            RowTarget::Class(y) => {
+                let (on, per) = job.smoothing.coefficients(stats.allowed, target_allowed);
+                let weight_of = |w: &[f32]| f64::from(w.get(y).copied().unwrap_or(f32::NAN));
+                match job.weights {
+                    Weights::PerClass(w) => {
+                        let w_y = weight_of(w);
+                        Coefficients {
+                            a: on * w_y + per * stats.aux_sum,
+                            b: on * w_y,
+                            c: per,
+                            d: 0.0,
+                            row_weight: 1.0,
+                        }
+                    }
+                    Weights::None | Weights::PerTarget(_) => Coefficients {
+                        a: on + per * stats.allowed as f64,
+                        b: on,
+                        c: 0.0,
+                        d: per,
+                        row_weight: match job.weights {
+                            Weights::PerTarget(w) => weight_of(w),
+                            _ => 1.0,
+                        },
+                    },
+                }
+            }
+        }
     }
-    if stats.allowed == 0 {
-        return f64::INFINITY;
+
+    /// The loss (before the row weight and the z-loss), each term skipped when its coefficient is
+    /// 0 so that `0 * inf` never makes a NaN.
+    fn loss(&self, stats: &Stats, target_t: f64) -> f64 {
+        let mut loss = 0.0;
+        if self.a != 0.0 {
+            loss += self.a * libm::log(stats.sum_exp);
+        }
+        if self.b != 0.0 {
+            loss += self.b * (f64::from(stats.max) - target_t);
+        }
+        if self.c != 0.0 {
+            loss -= self.c * stats.aux_shifted;
+            if stats.aux_masked != 0.0 {
+                // Target mass on a masked class: its log-probability is -inf.
+                loss = f64::INFINITY;
+            }
+        }
+        if self.d != 0.0 {
+            loss -= self.d * stats.shifted_sum;
+        }
+        loss
     }
-    let (on, per) = smoothing.coefficients(stats.allowed, target_logit != f32::NEG_INFINITY);
-    let mut loss = (on + per * stats.allowed as f64) * libm::log(stats.sum_exp);
-    if on != 0.0 {
-        loss += on * (f64::from(stats.max) - f64::from(target_logit));
+}
+
+/// Loss, z-loss, lse and correctness of a row from its statistics; `target_z` is the target's
+/// raw logit (class targets), `soft_correct` the correctness of a soft-target row.
+fn finish_row(
+    job: &Job<'_>,
+    stats: &Stats,
+    target: RowTarget<'_>,
+    target_z: Option<f32>,
+    soft_correct: bool,
+) -> (RowResult, Coefficients, f64) {
+    let (target_t, target_allowed) = match target {
+        RowTarget::Class(y) => {
+            let masked = job
+                .class_mask
+                .is_some_and(|m| !m.get(y).copied().unwrap_or(false));
+            let t_y = if masked {
+                f64::NEG_INFINITY
+            } else {
+                job.transform.scalar(target_z.unwrap_or(f32::NAN))
+            };
+            (t_y, t_y != f64::NEG_INFINITY)
+        }
+        RowTarget::Soft(_) => (f64::NAN, true),
+    };
+    let coefficients = Coefficients::new(job, stats, target, target_allowed);
+    let lse = f64::from(stats.max) + libm::log(stats.sum_exp);
+    let z_loss = if job.z_loss > 0.0 {
+        job.z_loss * lse * lse
+    } else {
+        0.0
+    };
+    let loss = coefficients.row_weight * coefficients.loss(stats, target_t) + z_loss;
+    let correct = match target {
+        RowTarget::Class(_) => target_allowed && target_t as f32 == stats.max,
+        RowTarget::Soft(_) => soft_correct,
+    };
+    (
+        RowResult {
+            loss,
+            z_loss,
+            lse,
+            correct,
+        },
+        coefficients,
+        lse,
+    )
+}
+
+/// Whether the class with the largest target probability (the first, on ties) attains the max
+/// allowed logit.
+fn soft_correct(t: &[f32], z: &[f32], mask: Option<&[bool]>) -> bool {
+    let allowed = |k: usize| mask.is_none_or(|m| m.get(k).copied().unwrap_or(false));
+    let mut best: Option<(usize, f32)> = None;
+    for (k, &p) in t.iter().enumerate() {
+        if best.is_none_or(|(_, b)| p > b) {
+            best = Some((k, p));
+        }
     }
-    if per != 0.0 {
-        loss -= per * stats.shifted_sum;
+    let zmax = z
+        .iter()
+        .enumerate()
+        .filter(|&(k, _)| allowed(k))
+        .fold(f32::NEG_INFINITY, |m, (_, &x)| if x > m { x } else { m });
+    best.is_some_and(|(k, _)| allowed(k) && z.get(k).copied() == Some(zmax))
+}
+
+/// The auxiliary row of a row: per-class weights (PyTorch semantics) or target probabilities.
+fn aux_row<'a>(job: &Job<'a>, target: RowTarget<'a>) -> Option<&'a [f32]> {
+    match (target, job.weights) {
+        (RowTarget::Soft(t), _) => Some(t),
+        (RowTarget::Class(_), Weights::PerClass(w)) => Some(w),
+        _ => None,
     }
-    loss
 }
 
 /// Loss of one row, no gradient.
 #[inline(always)]
-fn forward_row<V: Vector>(smoothing: Smoothing, z: &[f32], y: usize) -> f64 {
-    let target_logit = z.get(y).copied().unwrap_or(f32::NAN);
-    row_loss(smoothing, &stats::<V>(z), target_logit)
+fn forward_row<V: Vector>(job: &Job<'_>, z: &[f32], target: RowTarget<'_>) -> RowResult {
+    let stats = stats::<V>(z, job.transform, aux_row(job, target), job.class_mask);
+    if stats.invalid {
+        return RowResult::NAN;
+    }
+    if stats.allowed == 0 {
+        return RowResult {
+            loss: f64::INFINITY,
+            z_loss: 0.0,
+            lse: f64::NEG_INFINITY,
+            correct: false,
+        };
+    }
+    let (target_z, soft) = target_inputs(job, target, z);
+    finish_row(job, &stats, target, target_z, soft).0
 }
 
-/// Loss and gradient of one row; returns the loss.
+/// The target's raw logit (class targets) and, when asked for, the correctness of a soft-target
+/// row: both read from the logits before a pass can overwrite them.
+fn target_inputs(job: &Job<'_>, target: RowTarget<'_>, z: &[f32]) -> (Option<f32>, bool) {
+    match target {
+        RowTarget::Class(y) => (z.get(y).copied(), false),
+        RowTarget::Soft(t) => (None, job.want_correct && soft_correct(t, z, job.class_mask)),
+    }
+}
+
+/// Loss and gradient of one row.
 #[inline(always)]
-fn gradient_row<V: Vector>(job: &Job, mut io: Io<'_>, target: u32) -> f64 {
-    let Some(y) = job.target(target) else {
+fn gradient_row<V: Vector>(
+    job: &Job<'_>,
+    mut io: Io<'_>,
+    target: Option<RowTarget<'_>>,
+    row: usize,
+) -> RowResult {
+    let Some(target) = target else {
         io.fill(0.0);
-        return 0.0;
+        return RowResult::default();
     };
+    let aux = aux_row(job, target);
+    let mask = job.class_mask;
+    let transform = job.transform;
     let z = io.src();
-    let Some(&target_logit) = z.get(y) else {
-        // Unreachable: targets are checked against K before any row runs.
-        io.fill(f32::NAN);
-        return f64::NAN;
-    };
+    let (target_z, soft_correct) = target_inputs(job, target, z);
     let k = z.len();
-    let reload = k <= RELOAD_MAX;
+    let reload = k <= RELOAD_MAX && transform.cap.is_none();
     let stats = if reload {
-        let (max, min) = max_min::<V>(z);
-        match degenerate(max, z) {
+        let mut mm = MaxMin::<V>::new(mask);
+        fold(z, f32::NEG_INFINITY, &mut mm);
+        let (zmax, zmin) = mm.result();
+        match degenerate(zmax, z, mask) {
             Some(stats) => stats,
-            None if needs_care(max, min) => {
-                let mut op = SumExp::<V, true>::new(max);
-                io.map(f32::NEG_INFINITY, &mut op);
-                op.stats(max)
-            }
             None => {
-                let mut op = SumExp::<V, false>::new(max);
-                io.map(f32::NEG_INFINITY, &mut op);
-                op.stats(max)
+                let (m, tmin) = (
+                    transform_f32(transform, zmax),
+                    transform_f32(transform, zmin),
+                );
+                let lanes = Lanes::new(m, transform, aux, mask);
+                match (needs_care(m, tmin) || mask.is_some(), aux.is_some()) {
+                    (true, true) => sums_map::<V, true, true>(&mut io, m, lanes),
+                    (true, false) => sums_map::<V, true, false>(&mut io, m, lanes),
+                    (false, true) => sums_map::<V, false, true>(&mut io, m, lanes),
+                    (false, false) => sums_map::<V, false, false>(&mut io, m, lanes),
+                }
             }
         }
     } else {
-        stats::<V>(z)
+        stats::<V>(z, transform, aux, mask)
     };
     if stats.invalid {
         io.fill(f32::NAN);
-        return f64::NAN;
+        return RowResult::NAN;
     }
     if stats.allowed == 0 {
         io.fill(0.0);
-        return f64::INFINITY;
+        return RowResult {
+            loss: f64::INFINITY,
+            z_loss: 0.0,
+            lse: f64::NEG_INFINITY,
+            correct: false,
+        };
     }
-    let loss = row_loss(job.smoothing, &stats, target_logit);
-    let target_allowed = target_logit != f32::NEG_INFINITY;
-    let (on, per) = job.smoothing.coefficients(stats.allowed, target_allowed);
-    let scale = f64::from(job.grad_scale);
-    let a = V::splat((scale / stats.sum_exp) as f32);
-    let minus_b = V::splat((-scale * per) as f32);
+    let (result, coef, lse) = finish_row(job, &stats, target, target_z, soft_correct);
+    let row_scale = job
+        .row_scales
+        .and_then(|r| r.get(row))
+        .map_or(1.0, |&r| f64::from(r));
+    let scale = job.grad_scale * row_scale * coef.row_weight * f64::from(transform.scale);
+    let a_grad = coef.a + 2.0 * job.z_loss * lse;
+    let grad = GradLanes {
+        a: V::splat((scale * a_grad / stats.sum_exp) as f32),
+        b: V::splat((-scale * coef.d) as f32),
+        c: V::splat((-scale * coef.c) as f32),
+    };
     let masked = stats.allowed < k as u64;
     if reload {
-        // The stored values are exps, and masked lanes hold -1 (careful variant only).
-        if masked {
-            io.map_out(0.0, &mut Scale::<V, true> { a, minus_b });
-        } else {
-            io.map_out(0.0, &mut Scale::<V, false> { a, minus_b });
+        match (masked, aux.is_some()) {
+            (true, true) => io.map_out(0.0, &mut Scale::<V, true, true> { grad, aux }),
+            (true, false) => io.map_out(0.0, &mut Scale::<V, true, false> { grad, aux }),
+            (false, true) => io.map_out(0.0, &mut Scale::<V, false, true> { grad, aux }),
+            (false, false) => io.map_out(0.0, &mut Scale::<V, false, false> { grad, aux }),
         }
     } else {
-        let m = V::splat(stats.max);
-        if masked {
-            io.map(
+        let lanes = Lanes::new(stats.max, transform, aux, mask);
+        let careful = masked || mask.is_some();
+        match (careful, aux.is_some()) {
+            (true, true) => io.map(
                 f32::NEG_INFINITY,
-                &mut Recompute::<V, true> { m, a, minus_b },
-            );
-        } else {
-            io.map(
+                &mut Recompute::<V, true, true> { lanes, grad },
+            ),
+            (true, false) => io.map(
                 f32::NEG_INFINITY,
-                &mut Recompute::<V, false> { m, a, minus_b },
-            );
+                &mut Recompute::<V, true, false> { lanes, grad },
+            ),
+            (false, true) => io.map(
+                f32::NEG_INFINITY,
+                &mut Recompute::<V, false, true> { lanes, grad },
+            ),
+            (false, false) => io.map(
+                f32::NEG_INFINITY,
+                &mut Recompute::<V, false, false> { lanes, grad },
+            ),
         }
     }
-    // The target's gradient p_y - q_y, in f64 from the logit itself.
-    let p_y = libm::exp(f64::from(target_logit) - f64::from(stats.max)) / stats.sum_exp;
-    let q_y = on + if target_allowed { per } else { 0.0 };
-    io.set_out(y, (scale * (p_y - q_y)) as f32);
-    loss
+    // The target's gradient, in f64 from the logit itself: A' p_y - B - [allowed](C v_y + D).
+    if let (RowTarget::Class(y), Some(z_y)) = (target, target_z) {
+        let target_allowed =
+            mask.is_none_or(|m| m.get(y).copied().unwrap_or(false)) && z_y != f32::NEG_INFINITY;
+        let t_y = if target_allowed {
+            transform.scalar(z_y)
+        } else {
+            f64::NEG_INFINITY
+        };
+        let p_y = libm::exp(t_y - f64::from(stats.max)) / stats.sum_exp;
+        let v_y = aux.and_then(|a| a.get(y)).map_or(0.0, |&v| f64::from(v));
+        let smooth = if target_allowed {
+            coef.c * v_y + coef.d
+        } else {
+            0.0
+        };
+        let chain = if target_allowed {
+            transform.derivative(z_y) / f64::from(transform.scale)
+        } else {
+            1.0
+        };
+        let g_y = scale * chain * (a_grad * p_y - coef.b - smooth);
+        io.set_out(y, g_y as f32);
+    }
+    result
+}
+
+#[inline(always)]
+fn sums_map<V: Vector, const CAREFUL: bool, const AUX: bool>(
+    io: &mut Io<'_>,
+    m: f32,
+    lanes: Lanes<'_, V>,
+) -> Stats {
+    let mut op = SumExp::<V, CAREFUL, AUX>::new(m, lanes);
+    io.map(f32::NEG_INFINITY, &mut op);
+    op.stats()
 }

@@ -58,8 +58,11 @@ mod exp;
 mod kernel;
 mod loss;
 pub mod reference;
+mod tanh;
+mod targets;
 mod vector;
 
 pub use arch::Backend;
 pub use error::Error;
-pub use loss::{CrossEntropy, Reduction, Smoothing};
+pub use loss::{CrossEntropy, Extras, Reduction, Smoothing, Summary};
+pub use targets::Targets;

@@ -3,8 +3,8 @@
 use core::num::NonZeroUsize;
 
 use crate::arch::{self, Backend};
-use crate::kernel::{Buffers, Job};
-use crate::Error;
+use crate::kernel::{Buffers, Job, Outputs, Totals, Transform, Weights};
+use crate::{Error, Targets};
 
 /// How the target distribution is smoothed. Both conventions are offered, and the choice is
 /// spelled out at every call site because they differ.
@@ -153,18 +153,87 @@ pub enum Reduction {
 /// # Ok::<(), smoothce::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CrossEntropy {
+pub struct CrossEntropy<'a> {
     classes: usize,
     smoothing: Smoothing,
-    ignore_index: Option<u32>,
+    ignore_index: Option<i64>,
     reduction: Reduction,
     backend: Backend,
+    weights: Option<(&'a [f32], WeightMode)>,
+    z_loss: f32,
+    softcap: Option<f32>,
+    logit_scale: f32,
+    class_mask: Option<&'a [bool]>,
+    upstream: f32,
+    mean_denominator: Option<f32>,
 }
 
-impl CrossEntropy {
-    /// A loss over `classes` classes: no smoothing, [`Reduction::Mean`], no ignore index, the
-    /// fastest backend of this CPU. `classes = 0` is reported as [`Error::ZeroClasses`] by the
-    /// compute functions.
+/// Which semantics class weights follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WeightMode {
+    /// PyTorch's `weight=`.
+    PerClass,
+    /// Keras' `sample_weight` taken from the target's class.
+    PerTarget,
+}
+
+/// Per-row outputs beyond the losses, and per-row upstream gradients, for the `*_with` calls.
+/// Every field is optional; set the ones you need. Each slice has one element per row.
+///
+/// ```
+/// use smoothce::{CrossEntropy, Extras};
+/// let logits = [1.0_f32, 3.0, 0.0, 2.0, 0.5, 0.1];
+/// let mut losses = [0.0_f32; 2];
+/// let mut lse = [0.0_f32; 2];
+/// let mut correct = [false; 2];
+/// let summary = CrossEntropy::new(3).forward_with(
+///     &logits,
+///     &[1_u32, 2],
+///     &mut losses,
+///     Extras { lse: Some(&mut lse), correct: Some(&mut correct), ..Extras::default() },
+/// )?;
+/// assert_eq!(correct, [true, false]);
+/// assert_eq!(summary.correct, 1);
+/// assert!((lse[0] - (1.0_f32.exp() + 3.0_f32.exp() + 1.0).ln()).abs() < 1e-5);
+/// # Ok::<(), smoothce::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct Extras<'o> {
+    /// The log-sum-exp of each row's (scaled, soft-capped) logits: reuse it for perplexity or
+    /// your own z-loss. Ignored rows get 0.
+    pub lse: Option<&'o mut [f32]>,
+    /// The z-loss part `lambda * lse^2` of each row's loss (Liger's `return_z_loss`); 0 when
+    /// z-loss is off or the row is ignored.
+    pub z_loss: Option<&'o mut [f32]>,
+    /// Whether each row's target attains the row's max logit (token accuracy; ties count as
+    /// correct). For soft targets: the most probable target class (the first on ties). Ignored
+    /// rows get `false`.
+    pub correct: Option<&'o mut [bool]>,
+    /// Upstream gradient per row, for [`Reduction::None`]: row `i`'s gradient is multiplied by
+    /// `row_scales[i]`.
+    pub row_scales: Option<&'o [f32]>,
+}
+
+/// What a `*_with` call returns besides the per-row outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    /// The reduced loss (z-loss included), as the plain calls return it.
+    pub loss: f32,
+    /// The z-loss part of `loss`, reduced the same way.
+    pub z_loss: f32,
+    /// Number of non-ignored rows whose target attains the max logit.
+    pub correct: usize,
+    /// Number of non-ignored rows.
+    pub rows: usize,
+    /// What the mean divided by (the non-ignored count, the sum of the targets' class weights,
+    /// or the caller's denominator); 1 for `Sum` and `None`.
+    pub denominator: f64,
+}
+
+impl<'a> CrossEntropy<'a> {
+    /// A loss over `classes` classes: no smoothing, [`Reduction::Mean`], no ignore index, no
+    /// options, the fastest backend of this CPU. `classes = 0` is reported as
+    /// [`Error::ZeroClasses`] by the compute functions.
     ///
     /// ```
     /// let ce = smoothce::CrossEntropy::new(1000);
@@ -178,6 +247,13 @@ impl CrossEntropy {
             ignore_index: None,
             reduction: Reduction::Mean,
             backend: Backend::Auto,
+            weights: None,
+            z_loss: 0.0,
+            softcap: None,
+            logit_scale: 1.0,
+            class_mask: None,
+            upstream: 1.0,
+            mean_denominator: None,
         }
     }
 
@@ -209,6 +285,23 @@ impl CrossEntropy {
     /// ```
     #[must_use]
     pub fn ignore_index(mut self, target: u32) -> Self {
+        self.ignore_index = Some(i64::from(target));
+        self
+    }
+
+    /// As [`ignore_index`](Self::ignore_index), for signed targets: PyTorch's default
+    /// `ignore_index = -100` with `i64` targets.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Extras};
+    /// let ce = CrossEntropy::new(2).ignore_index_signed(-100);
+    /// let mut losses = [1.0_f32; 2];
+    /// let s = ce.forward_with(&[0.0, 1.0, 5.0, 5.0], &[1_i64, -100], &mut losses, Extras::default())?;
+    /// assert_eq!((losses[1], s.rows), (0.0, 1));
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn ignore_index_signed(mut self, target: i64) -> Self {
         self.ignore_index = Some(target);
         self
     }
@@ -245,6 +338,175 @@ impl CrossEntropy {
         self
     }
 
+    /// Per-class weights with PyTorch's semantics (`F.cross_entropy(weight=w)`), smoothing term
+    /// weighted too: with `W = sum_k w_k`,
+    /// `loss_i = (1 - eps) w_y (lse - z_y) + (eps/K) sum_k w_k (lse - z_k)`, and
+    /// [`Reduction::Mean`] divides by `sum_i w_{y_i}` over the non-ignored rows.
+    /// `weights.len()` must be `K` and every weight finite and `>= 0`
+    /// ([`Error::WeightsLength`], [`Error::InvalidWeight`]). Cannot be combined with soft targets.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Reduction};
+    /// let w = [1.0_f32, 3.0];
+    /// let mut losses = [0.0_f32; 2];
+    /// let ce = CrossEntropy::new(2).class_weights(&w);
+    /// let mean = ce.forward(&[0.0, 0.0, 0.0, 0.0], &[0, 1], &mut losses)?;
+    /// // Each row: w_y ln 2; the mean divides by w_0 + w_1.
+    /// assert!((losses[1] - 3.0 * 2.0_f32.ln()).abs() < 1e-6);
+    /// assert!((mean - 2.0_f32.ln()).abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn class_weights(mut self, weights: &'a [f32]) -> Self {
+        self.weights = Some((weights, WeightMode::PerClass));
+        self
+    }
+
+    /// Per-target weights with Keras' `sample_weight` semantics, taken from each row's target
+    /// class: `loss_i = w_{y_i} * H(q_i, p_i)` and row `i`'s gradient is scaled by `w_{y_i}`;
+    /// [`Reduction::Mean`] divides by the number of non-ignored rows (Keras'
+    /// `sum_over_batch_size`). Same checks as [`class_weights`](Self::class_weights), which it
+    /// replaces (the last call wins).
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Smoothing};
+    /// let w = [1.0_f32, 3.0];
+    /// let mut plain = [0.0_f32; 1];
+    /// let mut weighted = [0.0_f32; 1];
+    /// let ce = CrossEntropy::new(2).smoothing(Smoothing::Uniform(0.2));
+    /// ce.forward(&[0.5, -0.5], &[1], &mut plain)?;
+    /// ce.target_weights(&w).forward(&[0.5, -0.5], &[1], &mut weighted)?;
+    /// assert!((weighted[0] - 3.0 * plain[0]).abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn target_weights(mut self, weights: &'a [f32]) -> Self {
+        self.weights = Some((weights, WeightMode::PerTarget));
+        self
+    }
+
+    /// Adds the z-loss of PaLM (and Liger, flash-attn): `lambda * lse^2` per non-ignored row, in
+    /// the loss and its gradient (`+ 2 lambda lse p`). The part is reported separately by the
+    /// `*_with` calls. `lambda` must be finite and `>= 0` ([`Error::InvalidOption`]).
+    ///
+    /// ```
+    /// use smoothce::CrossEntropy;
+    /// let mut a = [0.0_f32; 1];
+    /// let mut b = [0.0_f32; 1];
+    /// CrossEntropy::new(2).forward(&[1.0, 1.0], &[0], &mut a)?;
+    /// CrossEntropy::new(2).z_loss(1e-2).forward(&[1.0, 1.0], &[0], &mut b)?;
+    /// let lse = 1.0 + 2.0_f32.ln();
+    /// assert!((b[0] - a[0] - 1e-2 * lse * lse).abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn z_loss(mut self, lambda: f32) -> Self {
+        self.z_loss = lambda;
+        self
+    }
+
+    /// Logit soft-capping (Gemma 2): the softmax sees `c * tanh(z / c)` (after the logit scale),
+    /// and the gradient goes through it (chain factor `1 - (t/c)^2`). `c` must be finite and
+    /// `> 0` ([`Error::InvalidOption`]). Since capped logits are rounded to f32, the tolerance
+    /// against the reference widens by a few ulp of `c`.
+    ///
+    /// ```
+    /// use smoothce::CrossEntropy;
+    /// let mut capped = [0.0_f32; 1];
+    /// let mut huge = [0.0_f32; 1];
+    /// // With a cap of 5, a logit of 1000 behaves like a logit of (almost) 5.
+    /// CrossEntropy::new(2).softcap(5.0).forward(&[1000.0, 0.0], &[1], &mut capped)?;
+    /// CrossEntropy::new(2).forward(&[5.0, 0.0], &[1], &mut huge)?;
+    /// assert!((capped[0] - huge[0]).abs() < 1e-4);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn softcap(mut self, cap: f32) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// Multiplies the logits by `scale` (an inverse temperature) before the softmax; the gradient
+    /// is taken with respect to the unscaled logits (chain factor `scale`). `scale` must be finite
+    /// and `> 0` ([`Error::InvalidOption`]).
+    ///
+    /// ```
+    /// use smoothce::CrossEntropy;
+    /// let mut a = [0.0_f32; 1];
+    /// let mut b = [0.0_f32; 1];
+    /// CrossEntropy::new(3).logit_scale(0.5).forward(&[2.0, 4.0, 6.0], &[0], &mut a)?;
+    /// CrossEntropy::new(3).forward(&[1.0, 2.0, 3.0], &[0], &mut b)?;
+    /// assert!((a[0] - b[0]).abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn logit_scale(mut self, scale: f32) -> Self {
+        self.logit_scale = scale;
+        self
+    }
+
+    /// Restricts every row to the classes with `allowed[k] == true` (padding or masked
+    /// vocabulary): the others get probability 0, gradient 0 and no smoothing mass, `K` in the
+    /// smoothing counts the allowed classes, and their logits are never read (a masked `+inf` or
+    /// NaN does not matter). A logit of `-inf` masks its class for its row the same way.
+    /// `allowed.len()` must be `K` and allow at least one class ([`Error::MaskLength`],
+    /// [`Error::MaskAllowsNoClass`]); a target that is not allowed makes its row's loss `+inf`.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Smoothing};
+    /// let allowed = [true, true, false];
+    /// let mut masked = [0.0_f32; 1];
+    /// let mut two = [0.0_f32; 1];
+    /// let ce = CrossEntropy::new(3).smoothing(Smoothing::Uniform(0.1)).class_mask(&allowed);
+    /// ce.forward(&[1.0, 2.0, 50.0], &[0], &mut masked)?;
+    /// CrossEntropy::new(2).smoothing(Smoothing::Uniform(0.1)).forward(&[1.0, 2.0], &[0], &mut two)?;
+    /// assert!((masked[0] - two[0]).abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn class_mask(mut self, allowed: &'a [bool]) -> Self {
+        self.class_mask = Some(allowed);
+        self
+    }
+
+    /// The upstream gradient of the reduced loss (default 1): every gradient element is
+    /// multiplied by it (for `None`, on top of the per-row scales). Must be finite
+    /// ([`Error::InvalidOption`]).
+    ///
+    /// ```
+    /// use smoothce::CrossEntropy;
+    /// let mut losses = [0.0_f32; 1];
+    /// let mut g1 = [0.0_f32; 2];
+    /// let mut g2 = [0.0_f32; 2];
+    /// CrossEntropy::new(2).forward_backward(&[0.3, 0.1], &[0], &mut losses, &mut g1)?;
+    /// CrossEntropy::new(2).upstream(0.5).forward_backward(&[0.3, 0.1], &[0], &mut losses, &mut g2)?;
+    /// assert!((g2[0] - 0.5 * g1[0]).abs() < 1e-7);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn upstream(mut self, gradient: f32) -> Self {
+        self.upstream = gradient;
+        self
+    }
+
+    /// For [`Reduction::Mean`]: divide by `denominator` instead of this batch's count (gradient
+    /// accumulation across micro-batches: every micro-batch divides by the global token count).
+    /// Must be finite and `> 0` ([`Error::InvalidOption`]).
+    ///
+    /// ```
+    /// use smoothce::CrossEntropy;
+    /// let mut losses = [0.0_f32; 1];
+    /// let own = CrossEntropy::new(2).forward(&[0.3, 0.1], &[0], &mut losses)?;
+    /// let global = CrossEntropy::new(2).mean_denominator(4.0).forward(&[0.3, 0.1], &[0], &mut losses)?;
+    /// assert!((global - own / 4.0).abs() < 1e-7);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn mean_denominator(mut self, denominator: f32) -> Self {
+        self.mean_denominator = Some(denominator);
+        self
+    }
+
     /// The number of classes `K`.
     ///
     /// ```
@@ -266,13 +528,26 @@ impl CrossEntropy {
         self.smoothing
     }
 
-    /// The configured ignore index, if any.
+    /// The configured ignore index if it is a `u32` (see
+    /// [`ignore_index_signed_config`](Self::ignore_index_signed_config) for any value).
     ///
     /// ```
     /// assert_eq!(smoothce::CrossEntropy::new(3).ignore_index(5).ignore_index_config(), Some(5));
     /// ```
     #[must_use]
     pub fn ignore_index_config(&self) -> Option<u32> {
+        self.ignore_index.and_then(|t| u32::try_from(t).ok())
+    }
+
+    /// The configured ignore index, signed.
+    ///
+    /// ```
+    /// let ce = smoothce::CrossEntropy::new(3).ignore_index_signed(-100);
+    /// assert_eq!(ce.ignore_index_signed_config(), Some(-100));
+    /// assert_eq!(ce.ignore_index_config(), None);
+    /// ```
+    #[must_use]
+    pub fn ignore_index_signed_config(&self) -> Option<i64> {
         self.ignore_index
     }
 
@@ -302,9 +577,9 @@ impl CrossEntropy {
     ///
     /// # Errors
     ///
-    /// Any [`Error`] about the configuration (classes, smoothing, backend), the lengths of `logits`
-    /// and `losses`, or a target that is neither a class nor the ignore index. Nothing is written
-    /// then.
+    /// Any [`Error`] about the configuration (classes, smoothing, options, backend), the lengths
+    /// of `logits` and `losses`, or a target that is neither a class nor the ignore index.
+    /// Nothing is written then.
     ///
     /// ```
     /// use smoothce::CrossEntropy;
@@ -320,10 +595,8 @@ impl CrossEntropy {
         targets: &[u32],
         losses: &mut [f32],
     ) -> Result<f32, Error> {
-        let job = self.plan(logits.len(), targets, losses.len(), None)?;
-        let kernel = arch::select(self.backend)?;
-        let total = kernel.run(&job, targets, Buffers::Forward { logits }, losses);
-        Ok(job.finish(total))
+        self.forward_with(logits, targets, losses, Extras::default())
+            .map(|s| s.loss)
     }
 
     /// Computes the per-row losses into `losses`, the gradient of the returned loss with respect
@@ -355,10 +628,8 @@ impl CrossEntropy {
         losses: &mut [f32],
         grad: &mut [f32],
     ) -> Result<f32, Error> {
-        let job = self.plan(logits.len(), targets, losses.len(), Some(grad.len()))?;
-        let kernel = arch::select(self.backend)?;
-        let total = kernel.run(&job, targets, Buffers::Separate { logits, grad }, losses);
-        Ok(job.finish(total))
+        self.forward_backward_with(logits, targets, losses, grad, Extras::default())
+            .map(|s| s.loss)
     }
 
     /// As [`forward_backward`](Self::forward_backward), but the gradient overwrites the logits:
@@ -382,26 +653,170 @@ impl CrossEntropy {
         targets: &[u32],
         losses: &mut [f32],
     ) -> Result<f32, Error> {
-        let job = self.plan(logits.len(), targets, losses.len(), None)?;
-        let kernel = arch::select(self.backend)?;
-        let total = kernel.run(&job, targets, Buffers::InPlace { logits }, losses);
-        Ok(job.finish(total))
+        self.forward_backward_in_place_with(logits, targets, losses, Extras::default())
+            .map(|s| s.loss)
     }
 
-    /// Checks every argument but the backend, and counts the non-ignored rows.
-    pub(crate) fn plan(
+    /// [`forward`](Self::forward) with targets of any supported type (class indices of any
+    /// integer type, or [`Targets::Soft`] probability rows) and the per-row [`Extras`].
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`](Self::forward); for soft targets [`Error::TargetsLength`] when their length
+    /// is not `N * K`, [`Error::Unsupported`] with `OffTarget` smoothing, class weights or an
+    /// ignore index; [`Error::ExtrasLength`] for an extra slice of the wrong length, and
+    /// [`Error::Unsupported`] for `row_scales` with a reduction other than `None`.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Extras, Targets};
+    /// let mut losses = [0.0_f32; 1];
+    /// // A soft target equal to a one-hot one gives the same loss.
+    /// let soft = CrossEntropy::new(3).forward_with(&[1.0, 2.0, 3.0], Targets::Soft(&[0.0, 1.0, 0.0]), &mut losses, Extras::default())?;
+    /// let hard = CrossEntropy::new(3).forward(&[1.0, 2.0, 3.0], &[1], &mut losses)?;
+    /// assert!((soft.loss - hard).abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn forward_with<'t>(
+        &self,
+        logits: &[f32],
+        targets: impl Into<Targets<'t>>,
+        losses: &mut [f32],
+        extras: Extras<'_>,
+    ) -> Result<Summary, Error> {
+        let targets = targets.into();
+        let plan = self.plan(logits.len(), targets, losses.len(), None, &extras)?;
+        let kernel = arch::select(self.backend)?;
+        let totals = kernel.run(
+            &plan.job,
+            targets,
+            Buffers::Forward { logits },
+            outputs(losses, extras),
+        );
+        Ok(plan.summary(totals))
+    }
+
+    /// [`forward_backward`](Self::forward_backward) with any [`Targets`] and the [`Extras`].
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_with`](Self::forward_with), and [`Error::GradLength`].
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Extras, Reduction};
+    /// let ce = CrossEntropy::new(2).reduction(Reduction::None);
+    /// let mut losses = [0.0_f32; 2];
+    /// let mut grad = [0.0_f32; 4];
+    /// let scales = [1.0_f32, 0.0];
+    /// ce.forward_backward_with(&[0.0, 1.0, 0.0, 1.0], &[0_u8, 0], &mut losses, &mut grad,
+    ///     Extras { row_scales: Some(&scales), ..Extras::default() })?;
+    /// assert!(grad[0] < 0.0 && grad[2..] == [0.0, 0.0]);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn forward_backward_with<'t>(
+        &self,
+        logits: &[f32],
+        targets: impl Into<Targets<'t>>,
+        losses: &mut [f32],
+        grad: &mut [f32],
+        extras: Extras<'_>,
+    ) -> Result<Summary, Error> {
+        let targets = targets.into();
+        let plan = self.plan(
+            logits.len(),
+            targets,
+            losses.len(),
+            Some(grad.len()),
+            &extras,
+        )?;
+        let kernel = arch::select(self.backend)?;
+        let totals = kernel.run(
+            &plan.job,
+            targets,
+            Buffers::Separate { logits, grad },
+            outputs(losses, extras),
+        );
+        Ok(plan.summary(totals))
+    }
+
+    /// [`forward_backward_in_place`](Self::forward_backward_in_place) with any [`Targets`] and the
+    /// [`Extras`].
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_with`](Self::forward_with). Nothing is written then.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Extras};
+    /// let mut buf = [1.0_f32, 2.0, 3.0];
+    /// let mut losses = [0.0_f32; 1];
+    /// let s = CrossEntropy::new(3).forward_backward_in_place_with(&mut buf, &[2_usize], &mut losses, Extras::default())?;
+    /// assert_eq!(s.correct, 1);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn forward_backward_in_place_with<'t>(
+        &self,
+        logits: &mut [f32],
+        targets: impl Into<Targets<'t>>,
+        losses: &mut [f32],
+        extras: Extras<'_>,
+    ) -> Result<Summary, Error> {
+        let targets = targets.into();
+        let plan = self.plan(logits.len(), targets, losses.len(), None, &extras)?;
+        let kernel = arch::select(self.backend)?;
+        let totals = kernel.run(
+            &plan.job,
+            targets,
+            Buffers::InPlace { logits },
+            outputs(losses, extras),
+        );
+        Ok(plan.summary(totals))
+    }
+
+    /// Checks every argument but the backend; counts the non-ignored rows and the mean's
+    /// denominator.
+    pub(crate) fn plan<'p>(
         &self,
         logits_len: usize,
-        targets: &[u32],
+        targets: Targets<'_>,
         losses_len: usize,
         grad_len: Option<usize>,
-    ) -> Result<Job, Error> {
+        extras: &Extras<'p>,
+    ) -> Result<Plan<'p>, Error>
+    where
+        'a: 'p,
+    {
         let classes = self.validate_config()?;
-        let rows = targets.len();
-        let expected = rows.checked_mul(classes.get()).ok_or(Error::SizeOverflow {
-            rows,
-            classes: classes.get(),
-        })?;
+        let k = classes.get();
+        let rows = match targets {
+            Targets::Soft(t) => {
+                if self.ignore_index.is_some() {
+                    return Err(Error::Unsupported {
+                        what: "an ignore index with soft targets",
+                    });
+                }
+                if matches!(self.smoothing, Smoothing::OffTarget(_)) {
+                    return Err(Error::Unsupported {
+                        what: "off-target smoothing with soft targets",
+                    });
+                }
+                if matches!(
+                    self.weights,
+                    Some((_, WeightMode::PerClass | WeightMode::PerTarget))
+                ) {
+                    return Err(Error::Unsupported {
+                        what: "class weights with soft targets",
+                    });
+                }
+                targets.rows(k).ok_or(Error::TargetsLength {
+                    expected_multiple_of: k,
+                    actual: t.len(),
+                })?
+            }
+            _ => targets.rows(k).unwrap_or(0),
+        };
+        let expected = rows
+            .checked_mul(k)
+            .ok_or(Error::SizeOverflow { rows, classes: k })?;
         if logits_len != expected {
             return Err(Error::LogitsLength {
                 expected,
@@ -419,48 +834,198 @@ impl CrossEntropy {
                 return Err(Error::GradLength { expected, actual });
             }
         }
+        check_extra("lse", extras.lse.as_deref().map(<[f32]>::len), rows)?;
+        check_extra("z_loss", extras.z_loss.as_deref().map(<[f32]>::len), rows)?;
+        check_extra(
+            "correct",
+            extras.correct.as_deref().map(<[bool]>::len),
+            rows,
+        )?;
+        check_extra("row_scales", extras.row_scales.map(<[f32]>::len), rows)?;
+        if let Some(scales) = extras.row_scales {
+            if self.reduction != Reduction::None {
+                return Err(Error::Unsupported {
+                    what: "per-row upstream gradients with a reduction other than None",
+                });
+            }
+            if let Some((row, &value)) = scales.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::InvalidRowScale { row, value });
+            }
+        }
         let mut counted = 0_usize;
-        for (row, &target) in targets.iter().enumerate() {
+        let mut weight_sum = 0.0_f64;
+        for row in 0..rows {
+            let Some(target) = targets.class(row) else {
+                // Soft targets: every row counts.
+                counted += 1;
+                continue;
+            };
             if Some(target) == self.ignore_index {
                 continue;
             }
-            if target as usize >= classes.get() {
+            let class = usize::try_from(target).ok().filter(|&c| c < k);
+            let Some(class) = class else {
                 return Err(Error::TargetOutOfRange {
                     row,
-                    target: i64::from(target),
-                    classes: classes.get(),
+                    target,
+                    classes: k,
                 });
-            }
+            };
             counted += 1;
+            if let Some((w, WeightMode::PerClass)) = self.weights {
+                weight_sum += w.get(class).map_or(0.0, |&v| f64::from(v));
+            }
         }
-        let denominator = match self.reduction {
-            Reduction::Mean => counted as f64,
-            Reduction::Sum | Reduction::None => 1.0,
+        let natural = match self.weights {
+            Some((_, WeightMode::PerClass)) => weight_sum,
+            _ => counted as f64,
         };
-        let grad_scale = match self.reduction {
-            Reduction::Mean if counted > 0 => (1.0 / denominator) as f32,
-            _ => 1.0,
+        let denominator = match (self.reduction, self.mean_denominator) {
+            (Reduction::Mean, Some(d)) => f64::from(d),
+            (Reduction::Mean, None) => natural,
+            (Reduction::Sum | Reduction::None, _) => 1.0,
         };
-        Ok(Job {
-            classes,
-            smoothing: self.smoothing,
-            ignore_index: self.ignore_index,
-            grad_scale,
-            denominator,
+        let grad_scale = if denominator > 0.0 {
+            f64::from(self.upstream) / denominator
+        } else {
+            0.0
+        };
+        let weights = match self.weights {
+            Some((w, WeightMode::PerClass)) => Weights::PerClass(w),
+            Some((w, WeightMode::PerTarget)) => Weights::PerTarget(w),
+            None => Weights::None,
+        };
+        Ok(Plan {
+            job: Job {
+                classes,
+                smoothing: self.smoothing,
+                ignore_index: self.ignore_index,
+                grad_scale,
+                denominator,
+                transform: Transform {
+                    scale: self.logit_scale,
+                    cap: self.softcap,
+                },
+                z_loss: f64::from(self.z_loss),
+                weights,
+                class_mask: self.class_mask,
+                row_scales: extras.row_scales,
+                want_correct: extras.correct.is_some(),
+            },
+            rows: counted,
         })
     }
 
     fn validate_config(&self) -> Result<NonZeroUsize, Error> {
         let classes = NonZeroUsize::new(self.classes).ok_or(Error::ZeroClasses)?;
+        let k = classes.get();
         let eps = self.smoothing.eps();
         if !(0.0..=1.0).contains(&eps) {
             return Err(Error::InvalidSmoothing { eps });
         }
-        if matches!(self.smoothing, Smoothing::OffTarget(_)) && classes.get() < 2 {
-            return Err(Error::OffTargetNeedsTwoClasses {
-                classes: classes.get(),
+        if matches!(self.smoothing, Smoothing::OffTarget(_)) && k < 2 {
+            return Err(Error::OffTargetNeedsTwoClasses { classes: k });
+        }
+        if let Some((w, _)) = self.weights {
+            if w.len() != k {
+                return Err(Error::WeightsLength {
+                    expected: k,
+                    actual: w.len(),
+                });
+            }
+            if let Some((class, &value)) = w
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+            {
+                return Err(Error::InvalidWeight { class, value });
+            }
+        }
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        if !(self.z_loss.is_finite() && self.z_loss >= 0.0) {
+            return Err(Error::InvalidOption {
+                option: "z_loss",
+                value: self.z_loss,
             });
         }
+        if let Some(cap) = self.softcap {
+            if !positive(cap) {
+                return Err(Error::InvalidOption {
+                    option: "softcap",
+                    value: cap,
+                });
+            }
+        }
+        if !positive(self.logit_scale) {
+            return Err(Error::InvalidOption {
+                option: "logit_scale",
+                value: self.logit_scale,
+            });
+        }
+        if !self.upstream.is_finite() {
+            return Err(Error::InvalidOption {
+                option: "upstream",
+                value: self.upstream,
+            });
+        }
+        if let Some(d) = self.mean_denominator {
+            if !positive(d) {
+                return Err(Error::InvalidOption {
+                    option: "mean_denominator",
+                    value: d,
+                });
+            }
+        }
+        if let Some(mask) = self.class_mask {
+            if mask.len() != k {
+                return Err(Error::MaskLength {
+                    expected: k,
+                    actual: mask.len(),
+                });
+            }
+            if !mask.iter().any(|&a| a) {
+                return Err(Error::MaskAllowsNoClass);
+            }
+        }
         Ok(classes)
+    }
+}
+
+/// A checked call: the kernel's job and what the summary needs.
+pub(crate) struct Plan<'a> {
+    pub job: Job<'a>,
+    /// Non-ignored rows.
+    pub rows: usize,
+}
+
+impl Plan<'_> {
+    fn summary(&self, totals: Totals) -> Summary {
+        Summary {
+            loss: self.job.finish(totals.loss),
+            z_loss: self.job.finish(totals.z_loss),
+            correct: totals.correct as usize,
+            rows: self.rows,
+            denominator: self.job.denominator,
+        }
+    }
+}
+
+fn check_extra(name: &'static str, len: Option<usize>, rows: usize) -> Result<(), Error> {
+    match len {
+        Some(actual) if actual != rows => Err(Error::ExtrasLength {
+            extra: name,
+            expected: rows,
+            actual,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn outputs<'o>(losses: &'o mut [f32], extras: Extras<'o>) -> Outputs<'o> {
+    Outputs {
+        losses,
+        lse: extras.lse,
+        z_loss: extras.z_loss,
+        correct: extras.correct,
     }
 }

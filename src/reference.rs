@@ -20,7 +20,8 @@
 //! # Ok::<(), smoothce::Error>(())
 //! ```
 
-use crate::{CrossEntropy, Error, Smoothing};
+use crate::kernel::{Transform, Weights};
+use crate::{CrossEntropy, Error, Extras, Smoothing, Summary, Targets};
 
 /// The documented accuracy of the kernels against this reference, on the same f32 inputs: a row
 /// loss within `LOSS_TOLERANCE` relative (absolute when `|loss| < 1`), every element of an
@@ -113,72 +114,207 @@ pub fn row(
             });
         }
     }
+    let config = RowConfig {
+        smoothing,
+        transform: Transform {
+            scale: 1.0,
+            cap: None,
+        },
+        weights: Weights::None,
+        mask: None,
+        z_loss: 0.0,
+    };
+    let target = RefTarget::Class(target);
     match grad {
-        Some(g) => Ok(row_core(logits, target, smoothing, |k, x| {
+        Some(g) => Ok(row_core(&config, logits, target, |k, x| {
             if let Some(slot) = g.get_mut(k) {
                 *slot = x;
             }
-        })),
-        None => Ok(row_core(logits, target, smoothing, |_, _| {})),
+        })
+        .loss),
+        None => Ok(row_core(&config, logits, target, |_, _| {}).loss),
     }
 }
 
-/// The loss of a checked row; `emit(k, p_k - q_k)` is called for every class.
-fn row_core(
-    logits: &[f32],
-    target: usize,
+/// What the reference needs of a configuration, per row.
+struct RowConfig<'a> {
     smoothing: Smoothing,
+    transform: Transform,
+    weights: Weights<'a>,
+    mask: Option<&'a [bool]>,
+    z_loss: f64,
+}
+
+#[derive(Clone, Copy)]
+enum RefTarget<'a> {
+    Class(usize),
+    Soft(&'a [f32]),
+}
+
+/// One row's results in f64.
+#[derive(Clone, Copy, Default)]
+struct RowOut {
+    loss: f64,
+    z_loss: f64,
+    lse: f64,
+    correct: bool,
+}
+
+/// The loss of a checked row; `emit(k, g_k)` is called for every class with the unscaled
+/// gradient of the row's loss with respect to `z_k`.
+#[allow(clippy::too_many_lines)]
+fn row_core(
+    config: &RowConfig<'_>,
+    logits: &[f32],
+    target: RefTarget<'_>,
     mut emit: impl FnMut(usize, f64),
-) -> f64 {
+) -> RowOut {
     let each = |emit: &mut dyn FnMut(usize, f64), value: f64| {
         for k in 0..logits.len() {
             emit(k, value);
         }
     };
-    // NaN or +inf anywhere: NaN loss and NaN gradient.
-    if logits.iter().any(|z| z.is_nan() || *z == f32::INFINITY) {
+    let mask_allows = |k: usize| {
+        config
+            .mask
+            .is_none_or(|m| m.get(k).copied().unwrap_or(false))
+    };
+    let allowed = |k: usize, z: f32| mask_allows(k) && z != f32::NEG_INFINITY;
+    // NaN or +inf in a class that is read: NaN loss and NaN gradient.
+    if logits
+        .iter()
+        .enumerate()
+        .any(|(k, z)| mask_allows(k) && (z.is_nan() || *z == f32::INFINITY))
+    {
         each(&mut emit, f64::NAN);
-        return f64::NAN;
+        return RowOut {
+            loss: f64::NAN,
+            z_loss: f64::NAN,
+            lse: f64::NAN,
+            correct: false,
+        };
     }
-    let allowed = |z: f32| z != f32::NEG_INFINITY;
-    let count = logits.iter().filter(|&&z| allowed(z)).count() as u64;
+    let count = logits
+        .iter()
+        .enumerate()
+        .filter(|&(k, &z)| allowed(k, z))
+        .count() as u64;
     // Every class masked: nothing can be predicted, nothing can be learned.
     if count == 0 {
         each(&mut emit, 0.0);
-        return f64::INFINITY;
+        return RowOut {
+            loss: f64::INFINITY,
+            z_loss: 0.0,
+            lse: f64::NEG_INFINITY,
+            correct: false,
+        };
     }
+    let t = |k: usize, z: f32| {
+        if allowed(k, z) {
+            config.transform.scalar(z)
+        } else {
+            f64::NEG_INFINITY
+        }
+    };
     let max = logits
         .iter()
-        .map(|&z| f64::from(z))
+        .enumerate()
+        .map(|(k, &z)| t(k, z))
         .fold(f64::NEG_INFINITY, f64::max);
     let mut sum = 0.0;
-    for &z in logits {
-        if allowed(z) {
-            sum += libm::exp(f64::from(z) - max);
+    for (k, &z) in logits.iter().enumerate() {
+        if allowed(k, z) {
+            sum += libm::exp(t(k, z) - max);
         }
     }
-    // lse - z_k is formed as (max - z_k) + ln(sum): the difference of two f32 values is exact in
-    // f64, where max + ln(sum) - z_k would lose ln(sum) entirely at offsets near 1e38.
+    // lse - t_k is formed as (max - t_k) + ln(sum): max + ln(sum) - t_k would lose ln(sum)
+    // entirely at offsets near 1e38.
     let log_sum = libm::log(sum);
-    let target_allowed = logits.get(target).is_some_and(|&z| allowed(z));
-    let (on, per) = smoothing.coefficients(count, target_allowed);
-    let mut loss = 0.0;
-    for (k, &z) in logits.iter().enumerate() {
-        let shifted = f64::from(z) - max;
-        let (p, mut q) = if allowed(z) {
-            (libm::exp(shifted - log_sum), per)
-        } else {
-            (0.0, 0.0)
-        };
-        if k == target {
-            q += on;
+    let lse = max + log_sum;
+    let eps = f64::from(config.smoothing.eps());
+    // q_k of the (weighted) target distribution, and the row's weight.
+    let (target_class, target_allowed) = match target {
+        RefTarget::Class(y) => (Some(y), logits.get(y).is_some_and(|&z| allowed(y, z))),
+        RefTarget::Soft(_) => (None, true),
+    };
+    let (on, per) = match target {
+        RefTarget::Class(_) => config.smoothing.coefficients(count, target_allowed),
+        RefTarget::Soft(_) => (1.0 - eps, eps / count as f64),
+    };
+    let weight = |k: usize| match config.weights {
+        Weights::PerClass(w) | Weights::PerTarget(w) => {
+            w.get(k).map_or(f64::NAN, |&v| f64::from(v))
         }
+        Weights::None => 1.0,
+    };
+    let (w_y, row_weight) = match (config.weights, target_class) {
+        (Weights::PerClass(_), Some(y)) => (weight(y), 1.0),
+        (Weights::PerTarget(_), Some(y)) => (1.0, weight(y)),
+        _ => (1.0, 1.0),
+    };
+    let q = |k: usize, z: f32| {
+        let smooth = if allowed(k, z) {
+            match (config.weights, target) {
+                (Weights::PerClass(_), RefTarget::Class(_)) => per * weight(k),
+                _ => per,
+            }
+        } else {
+            0.0
+        };
+        let hard = match target {
+            RefTarget::Class(y) if k == y => on * w_y,
+            RefTarget::Class(_) => 0.0,
+            RefTarget::Soft(u) => on * u.get(k).map_or(0.0, |&v| f64::from(v)),
+        };
+        smooth + hard
+    };
+    let mut loss = 0.0;
+    let mut total_q = 0.0;
+    for (k, &z) in logits.iter().enumerate() {
+        let q = q(k, z);
+        total_q += q;
         if q != 0.0 {
+            let shifted = t(k, z) - max;
             loss += q * (log_sum - shifted);
         }
-        emit(k, p - q);
     }
-    loss
+    let z_loss = config.z_loss * lse * lse;
+    for (k, &z) in logits.iter().enumerate() {
+        let g = if allowed(k, z) {
+            let p = libm::exp(t(k, z) - max - log_sum);
+            let g_t = total_q * p - q(k, z) + 2.0 * config.z_loss * lse * p;
+            g_t * config.transform.derivative(z)
+        } else if matches!(target, RefTarget::Class(y) if y == k) {
+            // A masked target: its probability is 0 and its target mass stays.
+            -q(k, z)
+        } else {
+            0.0
+        };
+        emit(k, row_weight * g);
+    }
+    let zmax = logits
+        .iter()
+        .enumerate()
+        .filter(|&(k, &z)| allowed(k, z))
+        .fold(f32::NEG_INFINITY, |m, (_, &z)| m.max(z));
+    let correct = match target {
+        RefTarget::Class(y) => target_allowed && logits.get(y).copied() == Some(zmax),
+        RefTarget::Soft(u) => {
+            let mut best: Option<(usize, f32)> = None;
+            for (k, &p) in u.iter().enumerate() {
+                if best.is_none_or(|(_, b)| p > b) {
+                    best = Some((k, p));
+                }
+            }
+            best.is_some_and(|(k, _)| logits.get(k).is_some_and(|&z| allowed(k, z) && z == zmax))
+        }
+    };
+    RowOut {
+        loss: row_weight * loss + z_loss,
+        z_loss,
+        lse,
+        correct,
+    }
 }
 
 /// The reference [`CrossEntropy::forward`]: same arguments, same checks, same results up to the
@@ -196,12 +332,20 @@ fn row_core(
 /// # Ok::<(), smoothce::Error>(())
 /// ```
 pub fn forward(
-    ce: &CrossEntropy,
+    ce: &CrossEntropy<'_>,
     logits: &[f32],
     targets: &[u32],
     losses: &mut [f32],
 ) -> Result<f32, Error> {
-    batch(ce, logits, targets, losses, None)
+    batch(
+        ce,
+        logits,
+        Targets::U32(targets),
+        losses,
+        None,
+        Extras::default(),
+    )
+    .map(|s| s.loss)
 }
 
 /// The reference [`CrossEntropy::forward_backward`].
@@ -220,53 +364,152 @@ pub fn forward(
 /// # Ok::<(), smoothce::Error>(())
 /// ```
 pub fn forward_backward(
-    ce: &CrossEntropy,
+    ce: &CrossEntropy<'_>,
     logits: &[f32],
     targets: &[u32],
     losses: &mut [f32],
     grad: &mut [f32],
 ) -> Result<f32, Error> {
-    batch(ce, logits, targets, losses, Some(grad))
+    batch(
+        ce,
+        logits,
+        Targets::U32(targets),
+        losses,
+        Some(grad),
+        Extras::default(),
+    )
+    .map(|s| s.loss)
+}
+
+/// The reference [`CrossEntropy::forward_with`]: every option, every target type, the extras.
+///
+/// # Errors
+///
+/// Exactly those of [`CrossEntropy::forward_with`] (the backend setting is ignored).
+///
+/// ```
+/// use smoothce::{reference, CrossEntropy, Extras};
+/// let ce = CrossEntropy::new(3).z_loss(1e-3).logit_scale(0.5);
+/// let mut fast = [0.0_f32; 1];
+/// let mut slow = [0.0_f32; 1];
+/// let a = ce.forward_with(&[1.0, 2.0, 3.0], &[1_i32], &mut fast, Extras::default())?;
+/// let b = reference::forward_with(&ce, &[1.0, 2.0, 3.0], &[1_i32], &mut slow, Extras::default())?;
+/// assert!((a.loss - b.loss).abs() < 1e-6 && (a.z_loss - b.z_loss).abs() < 1e-7);
+/// # Ok::<(), smoothce::Error>(())
+/// ```
+pub fn forward_with<'t>(
+    ce: &CrossEntropy<'_>,
+    logits: &[f32],
+    targets: impl Into<Targets<'t>>,
+    losses: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    batch(ce, logits, targets.into(), losses, None, extras)
+}
+
+/// The reference [`CrossEntropy::forward_backward_with`].
+///
+/// # Errors
+///
+/// Exactly those of [`CrossEntropy::forward_backward_with`] (the backend setting is ignored).
+///
+/// ```
+/// use smoothce::{reference, CrossEntropy, Extras, Targets};
+/// let ce = CrossEntropy::new(2);
+/// let mut losses = [0.0_f32; 1];
+/// let mut grad = [0.0_f32; 2];
+/// reference::forward_backward_with(&ce, &[0.0, 0.0], Targets::Soft(&[0.25, 0.75]), &mut losses, &mut grad, Extras::default())?;
+/// assert_eq!(grad, [0.25, -0.25]);
+/// # Ok::<(), smoothce::Error>(())
+/// ```
+pub fn forward_backward_with<'t>(
+    ce: &CrossEntropy<'_>,
+    logits: &[f32],
+    targets: impl Into<Targets<'t>>,
+    losses: &mut [f32],
+    grad: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    batch(ce, logits, targets.into(), losses, Some(grad), extras)
 }
 
 fn batch(
-    ce: &CrossEntropy,
+    ce: &CrossEntropy<'_>,
     logits: &[f32],
-    targets: &[u32],
+    targets: Targets<'_>,
     losses: &mut [f32],
     mut grad: Option<&mut [f32]>,
-) -> Result<f32, Error> {
-    let job = ce.plan(
+    mut extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    let plan = ce.plan(
         logits.len(),
         targets,
         losses.len(),
         grad.as_ref().map(|g| g.len()),
+        &extras,
     )?;
+    let job = &plan.job;
     let k = job.classes.get();
-    let scale = f64::from(job.grad_scale);
-    let mut total = 0.0;
-    for (i, (z, (&t, loss))) in logits
-        .chunks_exact(k)
-        .zip(targets.iter().zip(losses.iter_mut()))
-        .enumerate()
-    {
+    let config = RowConfig {
+        smoothing: job.smoothing,
+        transform: job.transform,
+        weights: job.weights,
+        mask: job.class_mask,
+        z_loss: job.z_loss,
+    };
+    let (mut total, mut total_z, mut correct) = (0.0, 0.0, 0_usize);
+    for (i, (z, loss)) in logits.chunks_exact(k).zip(losses.iter_mut()).enumerate() {
         let mut out = grad
             .as_deref_mut()
             .and_then(|g| g.get_mut(i * k..(i + 1) * k));
-        if Some(t) == job.ignore_index {
+        let target = match (targets.class(i), targets.soft_row(i, k)) {
+            (_, Some(u)) => Some(RefTarget::Soft(u)),
+            (Some(c), None) if Some(c) != job.ignore_index => {
+                usize::try_from(c).ok().map(RefTarget::Class)
+            }
+            _ => None,
+        };
+        let Some(target) = target else {
             *loss = 0.0;
             if let Some(out) = out {
                 out.fill(0.0);
             }
+            write_extras(&mut extras, i, RowOut::default());
             continue;
-        }
-        let row_loss = row_core(z, t as usize, job.smoothing, |c, g| {
+        };
+        let row_scale = job
+            .row_scales
+            .and_then(|r| r.get(i))
+            .map_or(1.0, |&r| f64::from(r));
+        let scale = job.grad_scale * row_scale;
+        let row = row_core(&config, z, target, |c, g| {
             if let Some(slot) = out.as_deref_mut().and_then(|o| o.get_mut(c)) {
                 *slot = (scale * g) as f32;
             }
         });
-        *loss = row_loss as f32;
-        total += row_loss;
+        *loss = row.loss as f32;
+        total += row.loss;
+        total_z += row.z_loss;
+        correct += usize::from(row.correct);
+        write_extras(&mut extras, i, row);
     }
-    Ok(job.finish(total))
+    Ok(Summary {
+        loss: job.finish(total),
+        z_loss: job.finish(total_z),
+        correct,
+        rows: plan.rows,
+        denominator: job.denominator,
+    })
+}
+
+fn write_extras(extras: &mut Extras<'_>, row: usize, out: RowOut) {
+    if let Some(slot) = extras.lse.as_deref_mut().and_then(|s| s.get_mut(row)) {
+        *slot = out.lse as f32;
+    }
+    if let Some(slot) = extras.z_loss.as_deref_mut().and_then(|s| s.get_mut(row)) {
+        *slot = out.z_loss as f32;
+    }
+    if let Some(slot) = extras.correct.as_deref_mut().and_then(|s| s.get_mut(row)) {
+        *slot = out.correct;
+    }
 }

@@ -38,6 +38,8 @@ pub(crate) trait Vector: Copy {
     fn sub(self, b: Self) -> Self;
     /// `self * b`.
     fn mul(self, b: Self) -> Self;
+    /// `self / b`.
+    fn div(self, b: Self) -> Self;
     /// `self * b + c`, fused where the instruction set has FMA.
     fn mul_add(self, b: Self, c: Self) -> Self;
     /// Lane-wise maximum; which operand a NaN lane yields is backend-defined (the kernel detects

@@ -1,8 +1,9 @@
 //! Backends and their selection: the portable `wide` path everywhere, AVX2+FMA and AVX-512F on
 //! x86_64, chosen once at run time (or at compile time when the target features are on).
 
-use crate::kernel::{Buffers, Job};
+use crate::kernel::{Buffers, Job, Outputs, Totals};
 use crate::Error;
+use crate::Targets;
 
 pub(crate) mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -73,7 +74,7 @@ impl Backend {
     }
 }
 
-type KernelFn = unsafe fn(&Job, &[u32], Buffers<'_>, &mut [f32]) -> f64;
+type KernelFn = unsafe fn(&Job<'_>, Targets<'_>, Buffers<'_>, Outputs<'_>) -> Totals;
 
 /// A batch kernel of a backend that this CPU supports. Only [`select`] makes one, after checking.
 #[derive(Clone, Copy)]
@@ -86,18 +87,18 @@ impl Kernel {
     /// Runs the batch; returns the sum of the row losses.
     pub(crate) fn run(
         self,
-        job: &Job,
-        targets: &[u32],
+        job: &Job<'_>,
+        targets: Targets<'_>,
         buffers: Buffers<'_>,
-        losses: &mut [f32],
-    ) -> f64 {
+        outputs: Outputs<'_>,
+    ) -> Totals {
         // SAFETY: `Kernel` values are only built by `select`, which hands out a
         // `#[target_feature]` function only after checking (at compile time or with cpuid and
         // xgetbv) that this CPU and OS support those features. The portable function has no
         // requirement at all.
         #[allow(unsafe_code)]
         unsafe {
-            (self.function)(job, targets, buffers, losses)
+            (self.function)(job, targets, buffers, outputs)
         }
     }
 }

@@ -4,8 +4,9 @@
 
 use wide::f32x8;
 
-use crate::kernel::{self, Buffers, Job};
+use crate::kernel::{self, Buffers, Job, Outputs, Totals};
 use crate::vector::Vector;
+use crate::Targets;
 
 /// Eight f32 lanes from `wide`.
 #[derive(Clone, Copy)]
@@ -66,6 +67,10 @@ impl Vector for Portable {
         Portable(self.0 * b.0)
     }
     #[inline(always)]
+    fn div(self, b: Self) -> Self {
+        Portable(self.0 / b.0)
+    }
+    #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         Portable(self.0.mul_add(b.0, c.0))
     }
@@ -92,6 +97,11 @@ impl Vector for Portable {
 }
 
 /// The batch kernel on the portable backend.
-pub(crate) fn run(job: &Job, targets: &[u32], buffers: Buffers<'_>, losses: &mut [f32]) -> f64 {
-    kernel::run::<Portable>(job, targets, buffers, losses)
+pub(crate) fn run(
+    job: &Job<'_>,
+    targets: Targets<'_>,
+    buffers: Buffers<'_>,
+    outputs: Outputs<'_>,
+) -> Totals {
+    kernel::run::<Portable>(job, targets, buffers, outputs)
 }

@@ -2,12 +2,14 @@
 
 use core::arch::x86_64::{
     __m256, _mm256_add_ps, _mm256_blendv_ps, _mm256_castps_si256, _mm256_castsi256_ps,
-    _mm256_cmp_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps,
-    _mm256_set1_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps, _CMP_EQ_OQ, _CMP_LT_OQ,
+    _mm256_cmp_ps, _mm256_div_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps,
+    _mm256_mul_ps, _mm256_set1_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps, _CMP_EQ_OQ,
+    _CMP_LT_OQ,
 };
 
-use crate::kernel::{self, Buffers, Job};
+use crate::kernel::{self, Buffers, Job, Outputs, Totals};
 use crate::vector::Vector;
+use crate::Targets;
 
 /// Eight f32 lanes in a `ymm` register.
 ///
@@ -84,6 +86,11 @@ impl Vector for Avx2 {
         Avx2(unsafe { _mm256_mul_ps(self.0, b.0) })
     }
     #[inline(always)]
+    fn div(self, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx2(unsafe { _mm256_div_ps(self.0, b.0) })
+    }
+    #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         // SAFETY: see the impl comment (FMA detected).
         Avx2(unsafe { _mm256_fmadd_ps(self.0, b.0, c.0) })
@@ -121,10 +128,10 @@ impl Vector for Avx2 {
 /// The CPU must support AVX2 and FMA, and the OS must save ymm registers.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn run(
-    job: &Job,
-    targets: &[u32],
+    job: &Job<'_>,
+    targets: Targets<'_>,
     buffers: Buffers<'_>,
-    losses: &mut [f32],
-) -> f64 {
-    kernel::run::<Avx2>(job, targets, buffers, losses)
+    outputs: Outputs<'_>,
+) -> Totals {
+    kernel::run::<Avx2>(job, targets, buffers, outputs)
 }

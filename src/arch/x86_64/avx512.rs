@@ -2,13 +2,14 @@
 
 use core::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
-    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps,
+    _mm512_div_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps,
     _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_set1_ps,
     _mm512_slli_epi32, _mm512_storeu_ps, _mm512_sub_ps, _CMP_EQ_OQ, _CMP_LT_OQ,
 };
 
-use crate::kernel::{self, Buffers, Job};
+use crate::kernel::{self, Buffers, Job, Outputs, Totals};
 use crate::vector::Vector;
+use crate::Targets;
 
 /// Sixteen f32 lanes in a `zmm` register.
 ///
@@ -90,6 +91,11 @@ impl Vector for Avx512 {
         Avx512(unsafe { _mm512_mul_ps(self.0, b.0) })
     }
     #[inline(always)]
+    fn div(self, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_div_ps(self.0, b.0) })
+    }
+    #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         // SAFETY: see the impl comment.
         Avx512(unsafe { _mm512_fmadd_ps(self.0, b.0, c.0) })
@@ -131,10 +137,10 @@ impl Vector for Avx512 {
 /// The CPU must support AVX-512F, and the OS must save zmm and opmask registers.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn run(
-    job: &Job,
-    targets: &[u32],
+    job: &Job<'_>,
+    targets: Targets<'_>,
     buffers: Buffers<'_>,
-    losses: &mut [f32],
-) -> f64 {
-    kernel::run::<Avx512>(job, targets, buffers, losses)
+    outputs: Outputs<'_>,
+) -> Totals {
+    kernel::run::<Avx512>(job, targets, buffers, outputs)
 }

@@ -1,0 +1,105 @@
+//! The targets of a batch: class indices of the integer types people have, or probability rows.
+
+/// The targets of a batch, borrowed from the caller.
+///
+/// Class indices come in the integer type the caller already has (`u8`, `u16`, `u32`, `i32`,
+/// `i64`, `usize`); signed types allow PyTorch's `ignore_index = -100` (set with
+/// [`CrossEntropy::ignore_index_signed`](crate::CrossEntropy::ignore_index_signed)).
+/// [`Targets::Soft`] holds one probability row of `K` values per logit row (PyTorch's
+/// probability targets); smoothing is applied to them as PyTorch does,
+/// `q = (1 - eps) t + eps / K`.
+///
+/// Every `&[T]` and `&[T; N]` of the integer types converts with `into()`.
+///
+/// ```
+/// use smoothce::Targets;
+/// let t: Targets = (&[3_i64, -100, 0][..]).into();
+/// assert_eq!(t.rows(10), Some(3));
+/// let soft = Targets::Soft(&[0.5, 0.5, 0.0, 1.0]);
+/// assert_eq!(soft.rows(2), Some(2));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Targets<'t> {
+    /// Class indices as `u8`.
+    U8(&'t [u8]),
+    /// Class indices as `u16`.
+    U16(&'t [u16]),
+    /// Class indices as `u32`.
+    U32(&'t [u32]),
+    /// Class indices as `i32`.
+    I32(&'t [i32]),
+    /// Class indices as `i64` (PyTorch's `long`).
+    I64(&'t [i64]),
+    /// Class indices as `usize`.
+    Usize(&'t [usize]),
+    /// Target probabilities, row-major `[N, K]`, each row a distribution over the classes.
+    Soft(&'t [f32]),
+}
+
+impl<'t> Targets<'t> {
+    /// The number of rows these targets describe for `classes` classes; `None` for soft targets
+    /// whose length is not a multiple of `classes` (or `classes == 0`).
+    ///
+    /// ```
+    /// use smoothce::Targets;
+    /// assert_eq!(Targets::U8(&[1, 2]).rows(5), Some(2));
+    /// assert_eq!(Targets::Soft(&[0.5; 5]).rows(2), None);
+    /// ```
+    #[must_use]
+    pub fn rows(&self, classes: usize) -> Option<usize> {
+        match self {
+            Targets::U8(t) => Some(t.len()),
+            Targets::U16(t) => Some(t.len()),
+            Targets::U32(t) => Some(t.len()),
+            Targets::I32(t) => Some(t.len()),
+            Targets::I64(t) => Some(t.len()),
+            Targets::Usize(t) => Some(t.len()),
+            Targets::Soft(t) => {
+                if classes == 0 || t.len() % classes != 0 {
+                    None
+                } else {
+                    Some(t.len() / classes)
+                }
+            }
+        }
+    }
+
+    /// The class of row `row` as i64 (`usize` values beyond `i64::MAX` saturate); `None` for soft
+    /// targets or a row out of range.
+    pub(crate) fn class(&self, row: usize) -> Option<i64> {
+        match self {
+            Targets::U8(t) => t.get(row).map(|&v| i64::from(v)),
+            Targets::U16(t) => t.get(row).map(|&v| i64::from(v)),
+            Targets::U32(t) => t.get(row).map(|&v| i64::from(v)),
+            Targets::I32(t) => t.get(row).map(|&v| i64::from(v)),
+            Targets::I64(t) => t.get(row).copied(),
+            Targets::Usize(t) => t.get(row).map(|&v| i64::try_from(v).unwrap_or(i64::MAX)),
+            Targets::Soft(_) => None,
+        }
+    }
+
+    /// Row `row` of soft targets.
+    pub(crate) fn soft_row(self, row: usize, classes: usize) -> Option<&'t [f32]> {
+        match self {
+            Targets::Soft(t) => t.get(row * classes..(row + 1) * classes),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! from_slices {
+    ($($t:ty => $variant:ident),*) => {$(
+        impl<'t> From<&'t [$t]> for Targets<'t> {
+            fn from(targets: &'t [$t]) -> Self {
+                Targets::$variant(targets)
+            }
+        }
+        impl<'t, const N: usize> From<&'t [$t; N]> for Targets<'t> {
+            fn from(targets: &'t [$t; N]) -> Self {
+                Targets::$variant(targets)
+            }
+        }
+    )*};
+}
+
+from_slices!(u8 => U8, u16 => U16, u32 => U32, i32 => I32, i64 => I64, usize => Usize);
