@@ -126,6 +126,15 @@ pub enum Error {
         /// The value.
         value: f32,
     },
+    /// A piece that does not fit in the row: `offset + width > classes`.
+    PieceOutOfRange {
+        /// The piece's first class.
+        offset: usize,
+        /// The piece's width.
+        width: usize,
+        /// The number of classes.
+        classes: usize,
+    },
     /// A combination of options the crate does not define.
     Unsupported {
         /// What was combined.
@@ -206,6 +215,14 @@ impl fmt::Display for Error {
             Error::InvalidRowScale { row, value } => {
                 write!(f, "the upstream gradient of row {row} is {value}, not finite")
             }
+            Error::PieceOutOfRange {
+                offset,
+                width,
+                classes,
+            } => write!(
+                f,
+                "a piece of {width} classes at offset {offset} does not fit in {classes} classes"
+            ),
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::BackendUnavailable { backend } => {
                 write!(

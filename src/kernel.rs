@@ -27,6 +27,7 @@
 use core::num::NonZeroUsize;
 
 use crate::exp::exp_nonpositive;
+use crate::shard::{Piece, RowState};
 use crate::tanh::tanh;
 use crate::targets::Targets;
 use crate::vector::Vector;
@@ -172,6 +173,40 @@ pub(crate) enum Buffers<'a> {
         /// `[N, K]` logits, overwritten by the gradient.
         logits: &'a mut [f32],
     },
+    /// The states of one piece `[N, width]` of the rows.
+    PieceStates {
+        /// `[N, width]` logits of the piece.
+        logits: &'a [f32],
+        /// Where the piece sits.
+        piece: Piece,
+        /// One state per row.
+        states: &'a mut [RowState],
+    },
+    /// Losses from merged states.
+    Finish {
+        /// One merged state per row.
+        states: &'a [RowState],
+    },
+    /// The gradient of one piece from merged states, into `grad` or over `logits`.
+    PieceGradient {
+        /// `[N, width]` logits of the piece.
+        logits: &'a [f32],
+        /// `[N, width]` gradient of the piece.
+        grad: &'a mut [f32],
+        /// Where the piece sits.
+        piece: Piece,
+        /// One merged state per row.
+        states: &'a [RowState],
+    },
+    /// The gradient of one piece from merged states, over its logits.
+    PieceGradientInPlace {
+        /// `[N, width]` logits of the piece, overwritten by the gradient.
+        logits: &'a mut [f32],
+        /// Where the piece sits.
+        piece: Piece,
+        /// One merged state per row.
+        states: &'a [RowState],
+    },
 }
 
 /// Per-row outputs of a batch; lengths already checked.
@@ -249,23 +284,176 @@ pub(crate) fn run<V: Vector>(
             }
         }
         Buffers::Separate { logits, grad } => {
-            for (row, (z, g)) in logits
-                .chunks_exact(k)
-                .zip(grad.chunks_exact_mut(k))
-                .enumerate()
-            {
-                let target = job.row_target(&targets, row);
-                record(row, gradient_row::<V>(job, Io::Separate(z, g), target, row));
-            }
+            let rows = Rows::Separate(logits.chunks_exact(k).zip(grad.chunks_exact_mut(k)));
+            gradient_rows::<V>(job, &targets, rows, &mut record);
         }
         Buffers::InPlace { logits } => {
-            for (row, z) in logits.chunks_exact_mut(k).enumerate() {
-                let target = job.row_target(&targets, row);
-                record(row, gradient_row::<V>(job, Io::InPlace(z), target, row));
+            gradient_rows::<V>(
+                job,
+                &targets,
+                Rows::InPlace(logits.chunks_exact_mut(k)),
+                &mut record,
+            );
+        }
+        Buffers::PieceStates {
+            logits,
+            piece,
+            states,
+        } => match NonZeroUsize::new(piece.width) {
+            None => states.fill(RowState::EMPTY),
+            Some(width) => {
+                for (row, (z, state)) in logits.chunks_exact(width.get()).zip(states).enumerate() {
+                    *state = match job.row_target(&targets, row) {
+                        Some(RowTarget::Class(y)) => piece_state::<V>(job, z, piece, y),
+                        _ => RowState::EMPTY,
+                    };
+                }
+            }
+        },
+        Buffers::Finish { states } => {
+            for (row, state) in states.iter().enumerate() {
+                let result = match job.row_target(&targets, row) {
+                    Some(target) => {
+                        row_result(job, &state.stats, target, state.target_logit, false)
+                    }
+                    None => RowResult::default(),
+                };
+                record(row, result);
+            }
+        }
+        Buffers::PieceGradient {
+            logits,
+            grad,
+            piece,
+            states,
+        } => {
+            if let Some(width) = NonZeroUsize::new(piece.width) {
+                let w = width.get();
+                let rows = Rows::Separate(logits.chunks_exact(w).zip(grad.chunks_exact_mut(w)));
+                piece_gradients::<V>(job, &targets, rows, piece, states);
+            }
+        }
+        Buffers::PieceGradientInPlace {
+            logits,
+            piece,
+            states,
+        } => {
+            if let Some(width) = NonZeroUsize::new(piece.width) {
+                let rows = Rows::InPlace(logits.chunks_exact_mut(width.get()));
+                piece_gradients::<V>(job, &targets, rows, piece, states);
             }
         }
     }
     totals
+}
+
+/// The rows of a gradient call as [`Io`]s, whichever the buffer layout: one loop, so the row
+/// kernel is inlined (and compiled) once per backend instead of once per layout.
+enum Rows<'a> {
+    Separate(
+        core::iter::Zip<core::slice::ChunksExact<'a, f32>, core::slice::ChunksExactMut<'a, f32>>,
+    ),
+    InPlace(core::slice::ChunksExactMut<'a, f32>),
+}
+
+impl<'a> Iterator for Rows<'a> {
+    type Item = Io<'a>;
+
+    fn next(&mut self) -> Option<Io<'a>> {
+        match self {
+            Rows::Separate(rows) => rows.next().map(|(z, g)| Io::Separate(z, g)),
+            Rows::InPlace(rows) => rows.next().map(Io::InPlace),
+        }
+    }
+}
+
+/// Loss and gradient of every row.
+#[inline(always)]
+fn gradient_rows<V: Vector>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    rows: Rows<'_>,
+    record: &mut impl FnMut(usize, RowResult),
+) {
+    for (row, io) in rows.enumerate() {
+        let target = job.row_target(targets, row);
+        record(row, gradient_row::<V>(job, io, target, row));
+    }
+}
+
+/// The gradient of one piece of every row.
+#[inline(always)]
+fn piece_gradients<V: Vector>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    rows: Rows<'_>,
+    piece: Piece,
+    states: &[RowState],
+) {
+    for (row, (io, state)) in rows.zip(states).enumerate() {
+        let target = job.row_target(targets, row);
+        piece_gradient::<V>(job, io, piece, target, state, row);
+    }
+}
+
+/// The per-class inputs of a piece: its slices of the class weights (PyTorch semantics) and of
+/// the class mask.
+fn piece_inputs<'a>(job: &Job<'a>, piece: Piece) -> (Option<&'a [f32]>, Option<&'a [bool]>) {
+    let range = piece.offset..piece.offset.saturating_add(piece.width);
+    let aux = match job.weights {
+        Weights::PerClass(w) => Some(w.get(range.clone()).unwrap_or(&[])),
+        _ => None,
+    };
+    (aux, job.class_mask.map(|m| m.get(range).unwrap_or(&[])))
+}
+
+/// The state of one piece of a row whose target is class `y` of the full row.
+#[inline(always)]
+fn piece_state<V: Vector>(job: &Job<'_>, z: &[f32], piece: Piece, y: usize) -> RowState {
+    let (aux, mask) = piece_inputs(job, piece);
+    RowState {
+        stats: stats::<V>(z, job.transform, aux, mask),
+        target_logit: y
+            .checked_sub(piece.offset)
+            .and_then(|local| z.get(local).copied()),
+    }
+}
+
+/// The gradient of one piece of a row from the row's merged state.
+#[inline(always)]
+fn piece_gradient<V: Vector>(
+    job: &Job<'_>,
+    mut io: Io<'_>,
+    piece: Piece,
+    target: Option<RowTarget<'_>>,
+    state: &RowState,
+    row: usize,
+) {
+    let Some(target) = target else {
+        io.fill(0.0);
+        return;
+    };
+    let (aux, mask) = piece_inputs(job, piece);
+    let target_index = match target {
+        RowTarget::Class(y) => y.checked_sub(piece.offset).filter(|&i| i < piece.width),
+        RowTarget::Soft(_) => None,
+    };
+    let piece = PieceInputs {
+        target_index,
+        aux,
+        mask,
+    };
+    write_gradient::<V>(
+        job,
+        &mut io,
+        &state.stats,
+        target,
+        state.target_logit,
+        false,
+        row,
+        false,
+        piece,
+    );
 }
 
 /// One row's source and destination.
@@ -301,10 +489,12 @@ impl Io<'_> {
     /// Applies `op` to the destination in place.
     #[inline(always)]
     fn map_out<V: Vector, O: Op<V>>(&mut self, tail_fill: f32, op: &mut O) {
-        match self {
-            Io::Separate(_, g) => map_in_place(g, tail_fill, op),
-            Io::InPlace(z) => map_in_place(z, tail_fill, op),
-        }
+        // One call site: each inlined copy of a loop costs compile time.
+        let out: &mut [f32] = match self {
+            Io::Separate(_, g) => g,
+            Io::InPlace(z) => z,
+        };
+        map_in_place(out, tail_fill, op);
     }
 
     fn set_out(&mut self, index: usize, value: f32) {
@@ -644,19 +834,11 @@ impl<'a, V: Vector> Lanes<'a, V> {
             None => z,
         }
     }
-
-    #[inline(always)]
-    fn aux_at(&self, offset: usize) -> V {
-        match self.aux {
-            Some(aux) => load_at(aux, offset, 0.0),
-            None => V::splat(0.0),
-        }
-    }
 }
 
 /// Pass 2: `e = exp(t - m)`, summed with `t - m` (and the auxiliary sums); returns `e` (or `-1`
 /// for masked lanes in the careful variant). Flushes into f64 at every block end.
-struct SumExp<'a, V, const CAREFUL: bool, const AUX: bool> {
+struct SumExp<'a, V, const CAREFUL: bool> {
     lanes: Lanes<'a, V>,
     sum: [V; 4],
     shifted: [V; 4],
@@ -672,7 +854,7 @@ struct SumExp<'a, V, const CAREFUL: bool, const AUX: bool> {
     total: Stats,
 }
 
-impl<'a, V: Vector, const CAREFUL: bool, const AUX: bool> SumExp<'a, V, CAREFUL, AUX> {
+impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
     #[inline(always)]
     fn new(max: f32, lanes: Lanes<'a, V>) -> Self {
         let zero = V::splat(0.0);
@@ -707,8 +889,8 @@ impl<'a, V: Vector, const CAREFUL: bool, const AUX: bool> SumExp<'a, V, CAREFUL,
         let scaled = z.select_eq(ninf, zero, self.lanes.shifted_scaled(z));
         self.scaled = self.scaled.add(scaled);
         self.allowed = self.allowed.add(z.select_eq(ninf, zero, V::splat(1.0)));
-        if AUX {
-            let v = self.lanes.aux_at(offset);
+        if let Some(aux) = self.lanes.aux {
+            let v = load_at::<V>(aux, offset, 0.0);
             self.aux_scaled = v.mul_add(scaled, self.aux_scaled);
             self.aux_sum[slot] = self.aux_sum[slot].add(z.select_eq(ninf, zero, v));
             self.aux_masked = self.aux_masked.add(z.select_eq(ninf, v, zero));
@@ -727,7 +909,7 @@ impl<'a, V: Vector, const CAREFUL: bool, const AUX: bool> SumExp<'a, V, CAREFUL,
     }
 }
 
-impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for SumExp<'_, V, CAREFUL, AUX> {
+impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
         if CAREFUL {
@@ -738,8 +920,8 @@ impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for SumExp<'_, V, CA
         let e = exp_nonpositive(t);
         self.sum[slot] = self.sum[slot].add(e);
         self.shifted[slot] = self.shifted[slot].add(t);
-        if AUX {
-            let v = self.lanes.aux_at(offset);
+        if let Some(aux) = self.lanes.aux {
+            let v = load_at::<V>(aux, offset, 0.0);
             self.aux_shifted[slot] = v.mul_add(t, self.aux_shifted[slot]);
             self.aux_sum[slot] = self.aux_sum[slot].add(v);
         }
@@ -763,7 +945,7 @@ impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for SumExp<'_, V, CA
         self.scaled = zero;
         self.allowed = zero;
         self.fast_count = 0;
-        if AUX {
+        if self.lanes.aux.is_some() {
             t.aux_shifted += drain(&mut self.aux_shifted);
             t.aux_shifted += self.aux_scaled.reduce_sum() * CAREFUL_UNSCALE;
             t.aux_sum += drain(&mut self.aux_sum);
@@ -794,12 +976,12 @@ struct GradLanes<V> {
 
 /// Pass 3 of the reload strategy, over the stored exps. The careful variant zeroes lanes holding
 /// the masked marker `-1`.
-struct Scale<'a, V, const CAREFUL: bool, const AUX: bool> {
+struct Scale<'a, V, const CAREFUL: bool> {
     grad: GradLanes<V>,
     aux: Option<&'a [f32]>,
 }
 
-impl<V: Vector, const CAREFUL: bool, const AUX: bool> Scale<'_, V, CAREFUL, AUX> {
+impl<V: Vector, const CAREFUL: bool> Scale<'_, V, CAREFUL> {
     #[inline(always)]
     fn careful(&self, offset: usize, e: V) -> V {
         let zero = V::splat(0.0);
@@ -809,14 +991,14 @@ impl<V: Vector, const CAREFUL: bool, const AUX: bool> Scale<'_, V, CAREFUL, AUX>
     #[inline(always)]
     fn plain(&self, offset: usize, e: V) -> V {
         let g = e.mul_add(self.grad.a, self.grad.b);
-        match (AUX, self.aux) {
-            (true, Some(aux)) => load_at::<V>(aux, offset, 0.0).mul_add(self.grad.c, g),
-            _ => g,
+        match self.aux {
+            Some(aux) => load_at::<V>(aux, offset, 0.0).mul_add(self.grad.c, g),
+            None => g,
         }
     }
 }
 
-impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for Scale<'_, V, CAREFUL, AUX> {
+impl<V: Vector, const CAREFUL: bool> Op<V> for Scale<'_, V, CAREFUL> {
     #[inline(always)]
     fn apply(&mut self, _slot: usize, offset: usize, e: V) -> V {
         if CAREFUL {
@@ -834,20 +1016,19 @@ impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for Scale<'_, V, CAR
 
 /// Pass 2 of the recompute strategy: `g = (exp(t - m) a + b + c v) f'(z)`, masked lanes zero
 /// when careful.
-struct Recompute<'a, V, const CAREFUL: bool, const AUX: bool> {
+struct Recompute<'a, V, const CAREFUL: bool> {
     lanes: Lanes<'a, V>,
     grad: GradLanes<V>,
 }
 
-impl<V: Vector, const CAREFUL: bool, const AUX: bool> Recompute<'_, V, CAREFUL, AUX> {
+impl<V: Vector, const CAREFUL: bool> Recompute<'_, V, CAREFUL> {
     #[inline(always)]
     fn plain(&self, offset: usize, z: V) -> V {
         let e = exp_nonpositive(self.lanes.shifted(z));
         let g = e.mul_add(self.grad.a, self.grad.b);
-        let g = if AUX {
-            self.lanes.aux_at(offset).mul_add(self.grad.c, g)
-        } else {
-            g
+        let g = match self.lanes.aux {
+            Some(aux) => load_at::<V>(aux, offset, 0.0).mul_add(self.grad.c, g),
+            None => g,
         };
         match self.lanes.cap {
             // The soft-cap's chain factor 1 - (t/c)^2 (its scale s is folded into a, b, c).
@@ -871,7 +1052,7 @@ impl<V: Vector, const CAREFUL: bool, const AUX: bool> Recompute<'_, V, CAREFUL, 
     }
 }
 
-impl<V: Vector, const CAREFUL: bool, const AUX: bool> Op<V> for Recompute<'_, V, CAREFUL, AUX> {
+impl<V: Vector, const CAREFUL: bool> Op<V> for Recompute<'_, V, CAREFUL> {
     #[inline(always)]
     fn apply(&mut self, _slot: usize, offset: usize, z: V) -> V {
         if CAREFUL {
@@ -934,21 +1115,16 @@ fn block_stats<V: Vector>(
         transform_f32(transform, zmin),
     );
     let lanes = Lanes::new(m, transform, aux, mask);
-    match (needs_care(m, tmin) || mask.is_some(), aux.is_some()) {
-        (true, true) => sums_fold::<V, true, true>(z, m, lanes),
-        (true, false) => sums_fold::<V, true, false>(z, m, lanes),
-        (false, true) => sums_fold::<V, false, true>(z, m, lanes),
-        (false, false) => sums_fold::<V, false, false>(z, m, lanes),
+    if needs_care(m, tmin) || mask.is_some() {
+        sums_fold::<V, true>(z, m, lanes)
+    } else {
+        sums_fold::<V, false>(z, m, lanes)
     }
 }
 
 #[inline(always)]
-fn sums_fold<V: Vector, const CAREFUL: bool, const AUX: bool>(
-    z: &[f32],
-    m: f32,
-    lanes: Lanes<'_, V>,
-) -> Stats {
-    let mut op = SumExp::<V, CAREFUL, AUX>::new(m, lanes);
+fn sums_fold<V: Vector, const CAREFUL: bool>(z: &[f32], m: f32, lanes: Lanes<'_, V>) -> Stats {
+    let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
     fold(z, f32::NEG_INFINITY, &mut op);
     op.stats()
 }
@@ -982,6 +1158,9 @@ pub(crate) struct Coefficients {
     pub d: f64,
     /// Keras-style per-target weight of the whole row.
     pub row_weight: f64,
+    /// Soft targets: mass on a masked class makes the loss infinite (with class weights the
+    /// auxiliary row only weights the smoothing of allowed classes).
+    pub soft: bool,
 }
 
 impl Coefficients {
@@ -993,11 +1172,13 @@ impl Coefficients {
                 let per = f64::from(job.smoothing.eps()) / stats.allowed.max(1) as f64;
                 let keep = 1.0 - f64::from(job.smoothing.eps());
                 Coefficients {
-                    a: keep * stats.aux_sum + per * stats.allowed as f64,
+                    // All target mass, masked classes' included: d lse / dt = p.
+                    a: keep * (stats.aux_sum + stats.aux_masked) + per * stats.allowed as f64,
                     b: 0.0,
                     c: keep,
                     d: per,
                     row_weight: 1.0,
+                    soft: true,
                 }
             }
             RowTarget::Class(y) => {
@@ -1012,6 +1193,7 @@ impl Coefficients {
                             c: per,
                             d: 0.0,
                             row_weight: 1.0,
+                            soft: false,
                         }
                     }
                     Weights::None | Weights::PerTarget(_) => Coefficients {
@@ -1023,6 +1205,7 @@ impl Coefficients {
                             Weights::PerTarget(w) => weight_of(w),
                             _ => 1.0,
                         },
+                        soft: false,
                     },
                 }
             }
@@ -1041,7 +1224,7 @@ impl Coefficients {
         }
         if self.c != 0.0 {
             loss -= self.c * stats.aux_shifted;
-            if stats.aux_masked != 0.0 {
+            if self.soft && stats.aux_masked != 0.0 {
                 // Target mass on a masked class: its log-probability is -inf.
                 loss = f64::INFINITY;
             }
@@ -1131,6 +1314,18 @@ fn aux_row<'a>(job: &Job<'a>, target: RowTarget<'a>) -> Option<&'a [f32]> {
 #[inline(always)]
 fn forward_row<V: Vector>(job: &Job<'_>, z: &[f32], target: RowTarget<'_>) -> RowResult {
     let stats = stats::<V>(z, job.transform, aux_row(job, target), job.class_mask);
+    let (target_z, soft) = target_inputs(job, target, z);
+    row_result(job, &stats, target, target_z, soft)
+}
+
+/// The results of a row from its statistics, degenerate rows included.
+fn row_result(
+    job: &Job<'_>,
+    stats: &Stats,
+    target: RowTarget<'_>,
+    target_z: Option<f32>,
+    soft_correct: bool,
+) -> RowResult {
     if stats.invalid {
         return RowResult::NAN;
     }
@@ -1142,8 +1337,7 @@ fn forward_row<V: Vector>(job: &Job<'_>, z: &[f32], target: RowTarget<'_>) -> Ro
             correct: false,
         };
     }
-    let (target_z, soft) = target_inputs(job, target, z);
-    finish_row(job, &stats, target, target_z, soft).0
+    finish_row(job, stats, target, target_z, soft_correct).0
 }
 
 /// The target's raw logit (class targets) and, when asked for, the correctness of a soft-target
@@ -1186,17 +1380,65 @@ fn gradient_row<V: Vector>(
                     transform_f32(transform, zmin),
                 );
                 let lanes = Lanes::new(m, transform, aux, mask);
-                match (needs_care(m, tmin) || mask.is_some(), aux.is_some()) {
-                    (true, true) => sums_map::<V, true, true>(&mut io, m, lanes),
-                    (true, false) => sums_map::<V, true, false>(&mut io, m, lanes),
-                    (false, true) => sums_map::<V, false, true>(&mut io, m, lanes),
-                    (false, false) => sums_map::<V, false, false>(&mut io, m, lanes),
+                if needs_care(m, tmin) || mask.is_some() {
+                    sums_map::<V, true>(&mut io, m, lanes)
+                } else {
+                    sums_map::<V, false>(&mut io, m, lanes)
                 }
             }
         }
     } else {
         stats::<V>(z, transform, aux, mask)
     };
+    let piece = PieceInputs {
+        target_index: match target {
+            RowTarget::Class(y) => Some(y),
+            RowTarget::Soft(_) => None,
+        },
+        aux,
+        mask,
+    };
+    write_gradient::<V>(
+        job,
+        &mut io,
+        &stats,
+        target,
+        target_z,
+        soft_correct,
+        row,
+        reload,
+        piece,
+    )
+}
+
+/// A (piece of a) row's slices of the per-class inputs, and where its target is.
+#[derive(Clone, Copy)]
+struct PieceInputs<'a> {
+    /// The target's index within this piece, if the piece holds it.
+    target_index: Option<usize>,
+    /// The auxiliary row's slice for this piece.
+    aux: Option<&'a [f32]>,
+    /// The class mask's slice for this piece.
+    mask: Option<&'a [bool]>,
+}
+
+/// The gradient of a (piece of a) row from the statistics of the whole row: the last pass over
+/// the stored exps (`stored_exps`) or a recomputing pass over the logits, then the target's own
+/// element in f64.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn write_gradient<V: Vector>(
+    job: &Job<'_>,
+    io: &mut Io<'_>,
+    stats: &Stats,
+    target: RowTarget<'_>,
+    target_z: Option<f32>,
+    soft_correct: bool,
+    row: usize,
+    stored_exps: bool,
+    piece: PieceInputs<'_>,
+) -> RowResult {
+    let transform = job.transform;
     if stats.invalid {
         io.fill(f32::NAN);
         return RowResult::NAN;
@@ -1210,7 +1452,7 @@ fn gradient_row<V: Vector>(
             correct: false,
         };
     }
-    let (result, coef, lse) = finish_row(job, &stats, target, target_z, soft_correct);
+    let (result, coef, lse) = finish_row(job, stats, target, target_z, soft_correct);
     let row_scale = job
         .row_scales
         .and_then(|r| r.get(row))
@@ -1222,47 +1464,40 @@ fn gradient_row<V: Vector>(
         b: V::splat((-scale * coef.d) as f32),
         c: V::splat((-scale * coef.c) as f32),
     };
-    let masked = stats.allowed < k as u64;
-    if reload {
-        match (masked, aux.is_some()) {
-            (true, true) => io.map_out(0.0, &mut Scale::<V, true, true> { grad, aux }),
-            (true, false) => io.map_out(0.0, &mut Scale::<V, true, false> { grad, aux }),
-            (false, true) => io.map_out(0.0, &mut Scale::<V, false, true> { grad, aux }),
-            (false, false) => io.map_out(0.0, &mut Scale::<V, false, false> { grad, aux }),
+    let (aux, mask) = (piece.aux, piece.mask);
+    // Some class of the full row is masked: this piece may hold it.
+    let masked = stats.allowed < job.classes.get() as u64;
+    if stored_exps {
+        if masked {
+            io.map_out(0.0, &mut Scale::<V, true> { grad, aux })
+        } else {
+            io.map_out(0.0, &mut Scale::<V, false> { grad, aux })
         }
     } else {
         let lanes = Lanes::new(stats.max, transform, aux, mask);
         let careful = masked || mask.is_some();
-        match (careful, aux.is_some()) {
-            (true, true) => io.map(
-                f32::NEG_INFINITY,
-                &mut Recompute::<V, true, true> { lanes, grad },
-            ),
-            (true, false) => io.map(
-                f32::NEG_INFINITY,
-                &mut Recompute::<V, true, false> { lanes, grad },
-            ),
-            (false, true) => io.map(
-                f32::NEG_INFINITY,
-                &mut Recompute::<V, false, true> { lanes, grad },
-            ),
-            (false, false) => io.map(
-                f32::NEG_INFINITY,
-                &mut Recompute::<V, false, false> { lanes, grad },
-            ),
+        let ninf = f32::NEG_INFINITY;
+        if careful {
+            io.map(ninf, &mut Recompute::<V, true> { lanes, grad })
+        } else {
+            io.map(ninf, &mut Recompute::<V, false> { lanes, grad })
         }
     }
     // The target's gradient, in f64 from the logit itself: A' p_y - B - [allowed](C v_y + D).
-    if let (RowTarget::Class(y), Some(z_y)) = (target, target_z) {
-        let target_allowed =
-            mask.is_none_or(|m| m.get(y).copied().unwrap_or(false)) && z_y != f32::NEG_INFINITY;
+    if let (RowTarget::Class(y), Some(local), Some(z_y)) = (target, piece.target_index, target_z) {
+        let target_allowed = job
+            .class_mask
+            .is_none_or(|m| m.get(y).copied().unwrap_or(false))
+            && z_y != f32::NEG_INFINITY;
         let t_y = if target_allowed {
             transform.scalar(z_y)
         } else {
             f64::NEG_INFINITY
         };
         let p_y = libm::exp(t_y - f64::from(stats.max)) / stats.sum_exp;
-        let v_y = aux.and_then(|a| a.get(y)).map_or(0.0, |&v| f64::from(v));
+        let v_y = aux
+            .and_then(|a| a.get(local))
+            .map_or(0.0, |&v| f64::from(v));
         let smooth = if target_allowed {
             coef.c * v_y + coef.d
         } else {
@@ -1274,18 +1509,14 @@ fn gradient_row<V: Vector>(
             1.0
         };
         let g_y = scale * chain * (a_grad * p_y - coef.b - smooth);
-        io.set_out(y, g_y as f32);
+        io.set_out(local, g_y as f32);
     }
     result
 }
 
 #[inline(always)]
-fn sums_map<V: Vector, const CAREFUL: bool, const AUX: bool>(
-    io: &mut Io<'_>,
-    m: f32,
-    lanes: Lanes<'_, V>,
-) -> Stats {
-    let mut op = SumExp::<V, CAREFUL, AUX>::new(m, lanes);
+fn sums_map<V: Vector, const CAREFUL: bool>(io: &mut Io<'_>, m: f32, lanes: Lanes<'_, V>) -> Stats {
+    let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
     io.map(f32::NEG_INFINITY, &mut op);
     op.stats()
 }

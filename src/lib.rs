@@ -58,6 +58,7 @@ mod exp;
 mod kernel;
 mod loss;
 pub mod reference;
+pub mod shard;
 mod tanh;
 mod targets;
 mod vector;
@@ -65,4 +66,10 @@ mod vector;
 pub use arch::Backend;
 pub use error::Error;
 pub use loss::{CrossEntropy, Extras, Reduction, Smoothing, Summary};
+pub use shard::{Piece, RowState};
 pub use targets::Targets;
+
+/// The README's code blocks, compiled and run as doctests so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -4,6 +4,7 @@ use core::num::NonZeroUsize;
 
 use crate::arch::{self, Backend};
 use crate::kernel::{Buffers, Job, Outputs, Totals, Transform, Weights};
+use crate::shard::{Piece, RowState};
 use crate::{Error, Targets};
 
 /// How the target distribution is smoothed. Both conventions are offered, and the choice is
@@ -684,7 +685,7 @@ impl<'a> CrossEntropy<'a> {
         extras: Extras<'_>,
     ) -> Result<Summary, Error> {
         let targets = targets.into();
-        let plan = self.plan(logits.len(), targets, losses.len(), None, &extras)?;
+        let plan = self.plan(logits.len(), None, targets, losses.len(), None, &extras)?;
         let kernel = arch::select(self.backend)?;
         let totals = kernel.run(
             &plan.job,
@@ -723,6 +724,7 @@ impl<'a> CrossEntropy<'a> {
         let targets = targets.into();
         let plan = self.plan(
             logits.len(),
+            None,
             targets,
             losses.len(),
             Some(grad.len()),
@@ -761,7 +763,7 @@ impl<'a> CrossEntropy<'a> {
         extras: Extras<'_>,
     ) -> Result<Summary, Error> {
         let targets = targets.into();
-        let plan = self.plan(logits.len(), targets, losses.len(), None, &extras)?;
+        let plan = self.plan(logits.len(), None, targets, losses.len(), None, &extras)?;
         let kernel = arch::select(self.backend)?;
         let totals = kernel.run(
             &plan.job,
@@ -772,11 +774,225 @@ impl<'a> CrossEntropy<'a> {
         Ok(plan.summary(totals))
     }
 
+    /// Step 1 of a split row (see [`shard`](crate::shard)): the [`RowState`] of every row's piece
+    /// `piece` (classes `piece.offset .. piece.offset + piece.width`), whose logits are `logits`,
+    /// row-major `[N, piece.width]`. `targets` are the full rows' targets.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PieceOutOfRange`] when the piece does not fit in `K` classes,
+    /// [`Error::LogitsLength`] when `logits.len() != N * piece.width`, [`Error::LossesLength`]
+    /// when `states.len() != N`, [`Error::Unsupported`] for soft targets, and the configuration
+    /// and target errors of [`forward`](Self::forward). Nothing is written then.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Piece, RowState};
+    /// let mut states = [RowState::EMPTY; 2];
+    /// CrossEntropy::new(4).piece_states(&[1.0, 2.0, 3.0, 4.0], Piece { offset: 2, width: 2 }, &[3_u32, 0], &mut states)?;
+    /// assert!((states[0].lse() - (3.0_f64.exp() + 4.0_f64.exp()).ln()).abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn piece_states<'t>(
+        &self,
+        logits: &[f32],
+        piece: Piece,
+        targets: impl Into<Targets<'t>>,
+        states: &mut [RowState],
+    ) -> Result<(), Error> {
+        let targets = targets.into();
+        let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
+        let kernel = arch::select(self.backend)?;
+        kernel.run(
+            &plan.job,
+            targets,
+            Buffers::PieceStates {
+                logits,
+                piece,
+                states,
+            },
+            outputs(&mut [], Extras::default()),
+        );
+        Ok(())
+    }
+
+    /// Step 3 of a split row: the per-row losses (and extras) and the reduced loss from the rows'
+    /// merged [`RowState`]s, as [`forward_with`](Self::forward_with) would give them for the
+    /// unsplit rows. The correctness of a row needs the target's piece to have been merged in.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_with`](Self::forward_with), with `states.len()` as the row count
+    /// ([`Error::LossesLength`] when it differs from the targets').
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Extras, Piece, RowState};
+    /// let ce = CrossEntropy::new(2);
+    /// let mut states = [RowState::EMPTY];
+    /// ce.piece_states(&[0.0, 0.0], Piece { offset: 0, width: 2 }, &[1_u32], &mut states)?;
+    /// let mut losses = [0.0_f32];
+    /// let s = ce.finish_states(&states, &[1_u32], &mut losses, Extras::default())?;
+    /// assert!((s.loss - 2.0_f32.ln()).abs() < 1e-7);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn finish_states<'t>(
+        &self,
+        states: &[RowState],
+        targets: impl Into<Targets<'t>>,
+        losses: &mut [f32],
+        extras: Extras<'_>,
+    ) -> Result<Summary, Error> {
+        let targets = targets.into();
+        if states.len() != losses.len() {
+            return Err(Error::LossesLength {
+                expected: states.len(),
+                actual: losses.len(),
+            });
+        }
+        self.reject_soft(targets)?;
+        let plan = self.plan(0, Some(0), targets, losses.len(), None, &extras)?;
+        let kernel = arch::select(self.backend)?;
+        let totals = kernel.run(
+            &plan.job,
+            targets,
+            Buffers::Finish { states },
+            outputs(losses, extras),
+        );
+        Ok(plan.summary(totals))
+    }
+
+    /// Step 3 of a split row: the gradient of piece `piece` into `grad` (`[N, piece.width]`)
+    /// from the rows' merged [`RowState`]s, with no further communication. Equal, within the
+    /// crate's tolerance, to that piece of the unsplit [`forward_backward`](Self::forward_backward)
+    /// gradient.
+    ///
+    /// # Errors
+    ///
+    /// As [`piece_states`](Self::piece_states), and [`Error::GradLength`].
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Piece, RowState};
+    /// let ce = CrossEntropy::new(2);
+    /// let whole = Piece { offset: 0, width: 2 };
+    /// let mut states = [RowState::EMPTY];
+    /// ce.piece_states(&[0.0, 0.0], whole, &[1_u32], &mut states)?;
+    /// let mut grad = [0.0_f32; 2];
+    /// ce.piece_backward(&[0.0, 0.0], whole, &[1_u32], &states, &mut grad)?;
+    /// assert_eq!(grad, [0.5, -0.5]);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn piece_backward<'t>(
+        &self,
+        logits: &[f32],
+        piece: Piece,
+        targets: impl Into<Targets<'t>>,
+        states: &[RowState],
+        grad: &mut [f32],
+    ) -> Result<(), Error> {
+        let targets = targets.into();
+        let plan = self.plan_piece(logits.len(), piece, targets, states.len(), Some(grad.len()))?;
+        let kernel = arch::select(self.backend)?;
+        kernel.run(
+            &plan.job,
+            targets,
+            Buffers::PieceGradient {
+                logits,
+                grad,
+                piece,
+                states,
+            },
+            outputs(&mut [], Extras::default()),
+        );
+        Ok(())
+    }
+
+    /// As [`piece_backward`](Self::piece_backward), overwriting the piece's logits with its
+    /// gradient.
+    ///
+    /// # Errors
+    ///
+    /// As [`piece_states`](Self::piece_states). Nothing is written then.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Piece, RowState};
+    /// let ce = CrossEntropy::new(2);
+    /// let whole = Piece { offset: 0, width: 2 };
+    /// let mut buf = [0.0_f32, 0.0];
+    /// let mut states = [RowState::EMPTY];
+    /// ce.piece_states(&buf, whole, &[0_u32], &mut states)?;
+    /// ce.piece_backward_in_place(&mut buf, whole, &[0_u32], &states)?;
+    /// assert_eq!(buf, [-0.5, 0.5]);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn piece_backward_in_place<'t>(
+        &self,
+        logits: &mut [f32],
+        piece: Piece,
+        targets: impl Into<Targets<'t>>,
+        states: &[RowState],
+    ) -> Result<(), Error> {
+        let targets = targets.into();
+        let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
+        let kernel = arch::select(self.backend)?;
+        kernel.run(
+            &plan.job,
+            targets,
+            Buffers::PieceGradientInPlace {
+                logits,
+                piece,
+                states,
+            },
+            outputs(&mut [], Extras::default()),
+        );
+        Ok(())
+    }
+
+    fn reject_soft(&self, targets: Targets<'_>) -> Result<(), Error> {
+        if matches!(targets, Targets::Soft(_)) {
+            return Err(Error::Unsupported {
+                what: "soft targets with vocabulary pieces",
+            });
+        }
+        Ok(())
+    }
+
+    /// The checks of a piece call.
+    fn plan_piece(
+        &self,
+        logits_len: usize,
+        piece: Piece,
+        targets: Targets<'_>,
+        states_len: usize,
+        grad_len: Option<usize>,
+    ) -> Result<Plan<'a>, Error> {
+        self.reject_soft(targets)?;
+        self.validate_config()?;
+        let fits = piece
+            .offset
+            .checked_add(piece.width)
+            .is_some_and(|end| end <= self.classes);
+        if !fits {
+            return Err(Error::PieceOutOfRange {
+                offset: piece.offset,
+                width: piece.width,
+                classes: self.classes,
+            });
+        }
+        self.plan(
+            logits_len,
+            Some(piece.width),
+            targets,
+            states_len,
+            grad_len,
+            &Extras::default(),
+        )
+    }
+
     /// Checks every argument but the backend; counts the non-ignored rows and the mean's
-    /// denominator.
+    /// denominator. `width` is the row width of `logits` (`K` unless a piece).
     pub(crate) fn plan<'p>(
         &self,
         logits_len: usize,
+        width: Option<usize>,
         targets: Targets<'_>,
         losses_len: usize,
         grad_len: Option<usize>,
@@ -815,7 +1031,7 @@ impl<'a> CrossEntropy<'a> {
             _ => targets.rows(k).unwrap_or(0),
         };
         let expected = rows
-            .checked_mul(k)
+            .checked_mul(width.unwrap_or(k))
             .ok_or(Error::SizeOverflow { rows, classes: k })?;
         if logits_len != expected {
             return Err(Error::LogitsLength {

@@ -443,6 +443,7 @@ fn batch(
 ) -> Result<Summary, Error> {
     let plan = ce.plan(
         logits.len(),
+        None,
         targets,
         losses.len(),
         grad.as_ref().map(|g| g.len()),

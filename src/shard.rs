@@ -1,0 +1,174 @@
+//! Rows in pieces: vocabulary shards and streamed chunks that combine to the exact loss and
+//! gradient.
+//!
+//! A row of `K` logits split into pieces (tensor-parallel slices of the vocabulary, or chunks a
+//! matrix multiply produces one at a time) is handled in three steps:
+//!
+//! 1. [`CrossEntropy::piece_states`] computes, for each row, the [`RowState`] of one piece: the
+//!    piece's max, its sum of exps relative to that max, the shifted sum of its logits, its count
+//!    of allowed classes, the weighted sums class weights need, and the target's logit if the
+//!    piece holds it. Same SIMD kernels as the unsplit calls.
+//! 2. [`RowState::merge`] combines the states of the pieces of a row, exactly (up to f64
+//!    rounding), in any order or tree shape: `m = max m_r`, `s = sum s_r exp(m_r - m)`, shifted
+//!    sums rebased by `n_r (m_r - m)`. [`RowState::to_words`] packs a state into eight f64 for an
+//!    all-reduce (the host framework does the communication).
+//! 3. [`CrossEntropy::finish_states`] gives the row losses (and lse, z-loss, correctness) from the
+//!    merged states; [`CrossEntropy::piece_backward`] (or `_in_place`) writes the gradient of one
+//!    piece from the merged states, with no further communication.
+//!
+//! The smoothing always uses the global number of classes `K` (and the global count of allowed
+//! classes when some are masked), never the piece's: Megatron-LM's local-`K` bug cannot happen.
+//! Every option of [`CrossEntropy`] works in pieces except soft targets (an
+//! [`Error::Unsupported`]).
+//!
+//! ```
+//! use smoothce::{CrossEntropy, Extras, Piece, RowState, Smoothing};
+//!
+//! let ce = CrossEntropy::new(6).smoothing(Smoothing::Uniform(0.1));
+//! let row = [0.5_f32, -1.0, 2.0, 0.0, 1.5, -0.5];
+//! let targets = [4_u32];
+//! // Two pieces of three classes each.
+//! let (left, right) = (Piece { offset: 0, width: 3 }, Piece { offset: 3, width: 3 });
+//! let mut a = [RowState::EMPTY];
+//! let mut b = [RowState::EMPTY];
+//! ce.piece_states(&row[..3], left, &targets, &mut a)?;
+//! ce.piece_states(&row[3..], right, &targets, &mut b)?;
+//! let merged = [a[0].merge(b[0])];
+//! let mut losses = [0.0_f32];
+//! let split = ce.finish_states(&merged, &targets, &mut losses, Extras::default())?;
+//! let whole = ce.forward(&row, &targets, &mut [0.0])?;
+//! assert!((split.loss - whole).abs() < 1e-6);
+//! // Each piece's gradient from the merged state alone.
+//! let mut grad = [0.0_f32; 6];
+//! ce.piece_backward(&row[..3], left, &targets, &merged, &mut grad[..3])?;
+//! ce.piece_backward(&row[3..], right, &targets, &merged, &mut grad[3..])?;
+//! let mut full = [0.0_f32; 6];
+//! ce.forward_backward(&row, &targets, &mut [0.0], &mut full)?;
+//! assert!(grad.iter().zip(&full).all(|(a, b)| (a - b).abs() < 1e-6));
+//! # Ok::<(), smoothce::Error>(())
+//! ```
+
+use crate::kernel::Stats;
+
+/// Where a piece sits in the full rows: classes `offset .. offset + width`.
+///
+/// ```
+/// let p = smoothce::Piece { offset: 1000, width: 500 };
+/// assert_eq!(p.offset + p.width, 1500);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Piece {
+    /// Index of the piece's first class in the full row.
+    pub offset: usize,
+    /// Number of classes in the piece (may be 0).
+    pub width: usize,
+}
+
+/// The mergeable statistics of one piece of one row (see the [module docs](crate::shard)).
+///
+/// ```
+/// use smoothce::RowState;
+/// let s = RowState::EMPTY;
+/// assert_eq!(s.merge(RowState::EMPTY), RowState::EMPTY);
+/// assert_eq!(RowState::from_words(s.to_words()), s);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowState {
+    pub(crate) stats: Stats,
+    /// The target's raw logit, held by exactly one piece of the row.
+    pub(crate) target_logit: Option<f32>,
+}
+
+impl RowState {
+    /// The state of an empty piece: the identity of [`merge`](Self::merge).
+    pub const EMPTY: RowState = RowState {
+        stats: Stats::EMPTY,
+        target_logit: None,
+    };
+
+    /// The state of the union of two disjoint pieces of the same row. Associative and
+    /// commutative up to f64 rounding; [`RowState::EMPTY`] is its identity.
+    ///
+    /// ```
+    /// use smoothce::RowState;
+    /// assert_eq!(RowState::EMPTY.merge(RowState::EMPTY), RowState::EMPTY);
+    /// ```
+    #[must_use]
+    pub fn merge(self, other: RowState) -> RowState {
+        RowState {
+            stats: self.stats.merge(other.stats),
+            target_logit: self.target_logit.or(other.target_logit),
+        }
+    }
+
+    /// The log-sum-exp of the (scaled, soft-capped) logits seen so far; `-inf` for an empty
+    /// state, NaN if a NaN or `+inf` was seen.
+    ///
+    /// ```
+    /// assert_eq!(smoothce::RowState::EMPTY.lse(), f64::NEG_INFINITY);
+    /// ```
+    #[must_use]
+    pub fn lse(&self) -> f64 {
+        if self.stats.invalid {
+            f64::NAN
+        } else if self.stats.allowed == 0 {
+            f64::NEG_INFINITY
+        } else {
+            f64::from(self.stats.max) + libm::log(self.stats.sum_exp)
+        }
+    }
+
+    /// The state as eight f64 words, for an all-reduce or any transport. Exact round trip with
+    /// [`from_words`](Self::from_words).
+    ///
+    /// ```
+    /// use smoothce::RowState;
+    /// assert_eq!(RowState::from_words(RowState::EMPTY.to_words()), RowState::EMPTY);
+    /// ```
+    #[must_use]
+    pub fn to_words(&self) -> [f64; 8] {
+        let s = &self.stats;
+        let flags =
+            f64::from(u8::from(s.invalid)) + 2.0 * f64::from(u8::from(self.target_logit.is_some()));
+        [
+            f64::from(s.max),
+            s.sum_exp,
+            s.shifted_sum,
+            s.allowed as f64,
+            s.aux_shifted,
+            s.aux_sum,
+            s.aux_masked,
+            // The flags in the integer part, the target logit as the f32 bits in the fraction
+            // would lose NaN payloads: store flags + bits exactly in an f64 integer instead.
+            flags + 4.0 * f64::from(self.target_logit.unwrap_or(0.0).to_bits()),
+        ]
+    }
+
+    /// The inverse of [`to_words`](Self::to_words). Words that no state produced give a state
+    /// that is merely meaningless, never a panic.
+    ///
+    /// ```
+    /// use smoothce::RowState;
+    /// let words = RowState::EMPTY.to_words();
+    /// assert_eq!(RowState::from_words(words), RowState::EMPTY);
+    /// ```
+    #[must_use]
+    pub fn from_words(words: [f64; 8]) -> RowState {
+        let [max, sum_exp, shifted_sum, allowed, aux_shifted, aux_sum, aux_masked, packed] = words;
+        let packed = packed as u64;
+        let bits = (packed >> 2) as u32;
+        RowState {
+            stats: Stats {
+                max: max as f32,
+                sum_exp,
+                shifted_sum,
+                allowed: allowed as u64,
+                aux_shifted,
+                aux_sum,
+                aux_masked,
+                invalid: packed & 1 != 0,
+            },
+            target_logit: (packed & 2 != 0).then_some(f32::from_bits(bits)),
+        }
+    }
+}
