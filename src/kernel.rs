@@ -38,6 +38,11 @@ use crate::Smoothing;
 /// two block passes of the recompute strategy.
 pub(crate) const BLOCK: usize = 4096;
 
+/// Vectors added into one set of four f32 accumulators before they are flushed into f64: at most
+/// 16 additions per lane, so that even a row of identical values (each addition rounding the same
+/// way) keeps the sums within about 1e-6 relative.
+const FLUSH_VECTORS: u32 = 64;
+
 /// Rows longer than this use the recompute strategy for forward+backward.
 pub(crate) const RELOAD_MAX: usize = 1 << 18;
 
@@ -149,7 +154,7 @@ impl Job<'_> {
 
 /// The target of one non-ignored row.
 #[derive(Clone, Copy)]
-enum RowTarget<'t> {
+pub(crate) enum RowTarget<'t> {
     Class(usize),
     Soft(&'t [f32]),
 }
@@ -230,7 +235,7 @@ pub(crate) struct Totals {
 
 /// What one row contributes.
 #[derive(Clone, Copy, Default)]
-struct RowResult {
+pub(crate) struct RowResult {
     loss: f64,
     z_loss: f64,
     lse: f64,
@@ -248,7 +253,7 @@ impl RowResult {
 
 /// Runs a whole batch.
 #[inline(always)]
-pub(crate) fn run<V: Vector>(
+pub(crate) fn run<V: RowKernels>(
     job: &Job<'_>,
     targets: Targets<'_>,
     buffers: Buffers<'_>,
@@ -347,6 +352,30 @@ pub(crate) fn run<V: Vector>(
     totals
 }
 
+/// A backend's row kernels, each compiled once, out of line, with the backend's target features
+/// (see `arch::row_kernels!`): inlining them into every call site of the batch loop multiplied the
+/// compile time without making anything faster (a call per row costs nanoseconds).
+pub(crate) trait RowKernels: Vector {
+    /// [`stats_inline`] for this backend.
+    fn stats(z: &[f32], transform: Transform, aux: Option<&[f32]>, mask: Option<&[bool]>) -> Stats;
+    /// [`gradient_row`] for this backend.
+    fn gradient_row(
+        job: &Job<'_>,
+        io: Io<'_>,
+        target: Option<RowTarget<'_>>,
+        row: usize,
+    ) -> RowResult;
+    /// [`piece_gradient`] for this backend.
+    fn piece_gradient(
+        job: &Job<'_>,
+        io: Io<'_>,
+        piece: Piece,
+        target: Option<RowTarget<'_>>,
+        state: &RowState,
+        row: usize,
+    );
+}
+
 /// The rows of a gradient call as [`Io`]s, whichever the buffer layout: one loop, so the row
 /// kernel is inlined (and compiled) once per backend instead of once per layout.
 enum Rows<'a> {
@@ -369,7 +398,7 @@ impl<'a> Iterator for Rows<'a> {
 
 /// Loss and gradient of every row.
 #[inline(always)]
-fn gradient_rows<V: Vector>(
+fn gradient_rows<V: RowKernels>(
     job: &Job<'_>,
     targets: &Targets<'_>,
     rows: Rows<'_>,
@@ -377,13 +406,13 @@ fn gradient_rows<V: Vector>(
 ) {
     for (row, io) in rows.enumerate() {
         let target = job.row_target(targets, row);
-        record(row, gradient_row::<V>(job, io, target, row));
+        record(row, V::gradient_row(job, io, target, row));
     }
 }
 
 /// The gradient of one piece of every row.
 #[inline(always)]
-fn piece_gradients<V: Vector>(
+fn piece_gradients<V: RowKernels>(
     job: &Job<'_>,
     targets: &Targets<'_>,
     rows: Rows<'_>,
@@ -392,7 +421,7 @@ fn piece_gradients<V: Vector>(
 ) {
     for (row, (io, state)) in rows.zip(states).enumerate() {
         let target = job.row_target(targets, row);
-        piece_gradient::<V>(job, io, piece, target, state, row);
+        V::piece_gradient(job, io, piece, target, state, row);
     }
 }
 
@@ -409,10 +438,10 @@ fn piece_inputs<'a>(job: &Job<'a>, piece: Piece) -> (Option<&'a [f32]>, Option<&
 
 /// The state of one piece of a row whose target is class `y` of the full row.
 #[inline(always)]
-fn piece_state<V: Vector>(job: &Job<'_>, z: &[f32], piece: Piece, y: usize) -> RowState {
+fn piece_state<V: RowKernels>(job: &Job<'_>, z: &[f32], piece: Piece, y: usize) -> RowState {
     let (aux, mask) = piece_inputs(job, piece);
     RowState {
-        stats: stats::<V>(z, job.transform, aux, mask),
+        stats: V::stats(z, job.transform, aux, mask),
         target_logit: y
             .checked_sub(piece.offset)
             .and_then(|local| z.get(local).copied()),
@@ -421,7 +450,7 @@ fn piece_state<V: Vector>(job: &Job<'_>, z: &[f32], piece: Piece, y: usize) -> R
 
 /// The gradient of one piece of a row from the row's merged state.
 #[inline(always)]
-fn piece_gradient<V: Vector>(
+pub(crate) fn piece_gradient<V: RowKernels>(
     job: &Job<'_>,
     mut io: Io<'_>,
     piece: Piece,
@@ -457,7 +486,7 @@ fn piece_gradient<V: Vector>(
 }
 
 /// One row's source and destination.
-enum Io<'r> {
+pub(crate) enum Io<'r> {
     Separate(&'r [f32], &'r mut [f32]),
     InPlace(&'r mut [f32]),
 }
@@ -851,6 +880,8 @@ struct SumExp<'a, V, const CAREFUL: bool> {
     aux_masked: V,
     /// Elements seen through the fast `apply` (all allowed).
     fast_count: u64,
+    /// Vectors added since the last flush.
+    pending: u32,
     total: Stats,
 }
 
@@ -869,6 +900,7 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
             aux_scaled: zero,
             aux_masked: zero,
             fast_count: 0,
+            pending: 0,
             total: Stats {
                 max,
                 ..Stats::EMPTY
@@ -912,6 +944,10 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
 impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
+        self.pending += 1;
+        if self.pending == FLUSH_VECTORS {
+            self.end_block();
+        }
         if CAREFUL {
             return self.careful(slot, offset, z);
         }
@@ -936,6 +972,7 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
 
     #[inline(always)]
     fn end_block(&mut self) {
+        self.pending = 0;
         let zero = V::splat(0.0);
         let t = &mut self.total;
         t.sum_exp += drain(&mut self.sum);
@@ -1132,7 +1169,7 @@ fn sums_fold<V: Vector, const CAREFUL: bool>(z: &[f32], m: f32, lanes: Lanes<'_,
 /// The statistics of a row or piece, block by block: each block is read from memory once (its
 /// second pass hits L1), and the blocks merge exactly.
 #[inline(always)]
-pub(crate) fn stats<V: Vector>(
+pub(crate) fn stats_inline<V: Vector>(
     z: &[f32],
     transform: Transform,
     aux: Option<&[f32]>,
@@ -1214,13 +1251,24 @@ impl Coefficients {
 
     /// The loss (before the row weight and the z-loss), each term skipped when its coefficient is
     /// 0 so that `0 * inf` never makes a NaN.
-    fn loss(&self, stats: &Stats, target_t: f64) -> f64 {
+    fn loss(&self, stats: &Stats, target_t: f64, target_shift: Option<f32>) -> f64 {
         let mut loss = 0.0;
         if self.a != 0.0 {
             loss += self.a * libm::log(stats.sum_exp);
         }
-        if self.b != 0.0 {
-            loss += self.b * (f64::from(stats.max) - target_t);
+        // With an allowed class target and no auxiliary row, the target's own share of the
+        // shifted sum is moved to its term: `B (m - t_y) - D S` becomes
+        // `(B + D)(m - t_y) - D (S - r_y)` with `r_y` the very f32 value of `t_y - m` that went
+        // into `S`. Every term is then >= 0 (B + D = q_y), so nothing cancels even when B < 0
+        // (off-target smoothing with eps > (K-1)/K).
+        let (b, shifted_sum) = match target_shift {
+            Some(r_y) if self.c == 0.0 && !self.soft => {
+                (self.b + self.d, stats.shifted_sum - f64::from(r_y))
+            }
+            _ => (self.b, stats.shifted_sum),
+        };
+        if b != 0.0 {
+            loss += b * (f64::from(stats.max) - target_t);
         }
         if self.c != 0.0 {
             loss -= self.c * stats.aux_shifted;
@@ -1230,7 +1278,7 @@ impl Coefficients {
             }
         }
         if self.d != 0.0 {
-            loss -= self.d * stats.shifted_sum;
+            loss -= self.d * shifted_sum;
         }
         loss
     }
@@ -1266,7 +1314,15 @@ fn finish_row(
     } else {
         0.0
     };
-    let loss = coefficients.row_weight * coefficients.loss(stats, target_t) + z_loss;
+    // The f32 value of t_y - m that the kernels summed (for a scale alone: one fused rounding).
+    let target_shift = match (target, target_z) {
+        (RowTarget::Class(_), Some(z_y)) if target_allowed => Some(match job.transform.cap {
+            None => libm::fmaf(z_y, job.transform.scale, -stats.max),
+            Some(_) => target_t as f32 - stats.max,
+        }),
+        _ => None,
+    };
+    let loss = coefficients.row_weight * coefficients.loss(stats, target_t, target_shift) + z_loss;
     let correct = match target {
         RowTarget::Class(_) => target_allowed && target_t as f32 == stats.max,
         RowTarget::Soft(_) => soft_correct,
@@ -1312,8 +1368,8 @@ fn aux_row<'a>(job: &Job<'a>, target: RowTarget<'a>) -> Option<&'a [f32]> {
 
 /// Loss of one row, no gradient.
 #[inline(always)]
-fn forward_row<V: Vector>(job: &Job<'_>, z: &[f32], target: RowTarget<'_>) -> RowResult {
-    let stats = stats::<V>(z, job.transform, aux_row(job, target), job.class_mask);
+fn forward_row<V: RowKernels>(job: &Job<'_>, z: &[f32], target: RowTarget<'_>) -> RowResult {
+    let stats = V::stats(z, job.transform, aux_row(job, target), job.class_mask);
     let (target_z, soft) = target_inputs(job, target, z);
     row_result(job, &stats, target, target_z, soft)
 }
@@ -1351,7 +1407,7 @@ fn target_inputs(job: &Job<'_>, target: RowTarget<'_>, z: &[f32]) -> (Option<f32
 
 /// Loss and gradient of one row.
 #[inline(always)]
-fn gradient_row<V: Vector>(
+pub(crate) fn gradient_row<V: RowKernels>(
     job: &Job<'_>,
     mut io: Io<'_>,
     target: Option<RowTarget<'_>>,
@@ -1388,7 +1444,7 @@ fn gradient_row<V: Vector>(
             }
         }
     } else {
-        stats::<V>(z, transform, aux, mask)
+        V::stats(z, transform, aux, mask)
     };
     let piece = PieceInputs {
         target_index: match target {

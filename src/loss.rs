@@ -129,7 +129,8 @@ pub enum Reduction {
 /// - A logit of `-inf` marks a class as impossible for that row: its probability and gradient are
 ///   exactly 0, and it gets no smoothing mass (`K` in the smoothing counts the row's other classes).
 ///   If the target's own logit is `-inf`, the loss is `+inf` (unless its target mass is 0) and the
-///   gradient is `p - q`. A row whose logits are all `-inf` has loss `+inf` and a zero gradient.
+///   gradient is `p - q` (times the logit scale). A row whose logits are all `-inf` has loss `+inf`
+///   and a zero gradient. Soft targets that put mass on a masked class make the loss `+inf`.
 /// - A row holding a NaN or a `+inf` logit gets loss NaN and a gradient row of NaN; other rows are
 ///   unaffected (the reduced value becomes NaN, as in PyTorch).
 /// - Ignored rows (target equal to the ignore index) get loss 0 and a gradient row of exact zeros.

@@ -285,8 +285,9 @@ fn row_core(
             let g_t = total_q * p - q(k, z) + 2.0 * config.z_loss * lse * p;
             g_t * config.transform.derivative(z)
         } else if matches!(target, RefTarget::Class(y) if y == k) {
-            // A masked target: its probability is 0 and its target mass stays.
-            -q(k, z)
+            // A masked target: its probability is 0 and its target mass stays; the chain
+            // factor is the logit scale alone (a soft-cap's would vanish at -inf).
+            -q(k, z) * f64::from(config.transform.scale)
         } else {
             0.0
         };

@@ -96,6 +96,8 @@ impl Vector for Portable {
     }
 }
 
+row_kernels!(Portable);
+
 /// The batch kernel on the portable backend.
 pub(crate) fn run(
     job: &Job<'_>,

@@ -219,7 +219,7 @@ pub struct Expected {
 /// absolute loss error of one f32 rounding of the target's term, `per * 2^-23 * |z_y - m|`, and
 /// nothing else changes; the property tests then keep testing everything else without flaking.
 /// Set it to `false` once the kernels are fixed.
-pub const TOLERATE_OFF_TARGET_CANCELLATION: bool = true;
+pub const TOLERATE_OFF_TARGET_CANCELLATION: bool = false;
 
 /// A second known defect (see the ignored test `repeated_logits_lose_accuracy` in
 /// `properties.rs`): the kernels add up to 128 values in one f32 lane accumulator before
@@ -234,7 +234,7 @@ pub const TOLERATE_OFF_TARGET_CANCELLATION: bool = true;
 /// While this is `true`, the oracle test whose long rows repeat one value (`ln q`) allows four
 /// times the tolerances on rows longer than 1000; nothing else is relaxed. Set it to `false`
 /// once the kernels are fixed.
-pub const TOLERATE_REPEATED_VALUE_SUMS: bool = true;
+pub const TOLERATE_REPEATED_VALUE_SUMS: bool = false;
 
 /// The extra loss error [`TOLERATE_OFF_TARGET_CANCELLATION`] allows on row `z` with target `y`.
 fn cancellation_slack(z: &[f32], y: usize, smoothing: Smoothing) -> f64 {

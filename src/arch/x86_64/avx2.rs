@@ -122,6 +122,8 @@ impl Vector for Avx2 {
     }
 }
 
+row_kernels!(Avx2, "avx2,fma");
+
 /// The batch kernel compiled for AVX2+FMA.
 ///
 /// # Safety

@@ -131,6 +131,8 @@ impl Vector for Avx512 {
     }
 }
 
+row_kernels!(Avx512, "avx512f");
+
 /// The batch kernel compiled for AVX-512F.
 ///
 /// # Safety
