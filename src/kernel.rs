@@ -757,15 +757,15 @@ impl Stats {
         let aux_masked = self.aux_masked + other.aux_masked;
         if other.allowed == 0 {
             return Stats {
-                invalid,
                 aux_masked,
+                invalid,
                 ..self
             };
         }
         if self.allowed == 0 {
             return Stats {
-                invalid,
                 aux_masked,
+                invalid,
                 ..other
             };
         }
@@ -1251,7 +1251,7 @@ impl Coefficients {
 
     /// The loss (before the row weight and the z-loss), each term skipped when its coefficient is
     /// 0 so that `0 * inf` never makes a NaN.
-    fn loss(&self, stats: &Stats, target_t: f64, target_shift: Option<f32>) -> f64 {
+    fn loss(&self, stats: &Stats, target_t: f64, target_shift: Option<f64>) -> f64 {
         let mut loss = 0.0;
         if self.a != 0.0 {
             loss += self.a * libm::log(stats.sum_exp);
@@ -1262,9 +1262,7 @@ impl Coefficients {
         // into `S`. Every term is then >= 0 (B + D = q_y), so nothing cancels even when B < 0
         // (off-target smoothing with eps > (K-1)/K).
         let (b, shifted_sum) = match target_shift {
-            Some(r_y) if self.c == 0.0 && !self.soft => {
-                (self.b + self.d, stats.shifted_sum - f64::from(r_y))
-            }
+            Some(r_y) if self.c == 0.0 && !self.soft => (self.b + self.d, stats.shifted_sum - r_y),
             _ => (self.b, stats.shifted_sum),
         };
         if b != 0.0 {
@@ -1316,10 +1314,20 @@ fn finish_row(
     };
     // The f32 value of t_y - m that the kernels summed (for a scale alone: one fused rounding).
     let target_shift = match (target, target_z) {
-        (RowTarget::Class(_), Some(z_y)) if target_allowed => Some(match job.transform.cap {
-            None => libm::fmaf(z_y, job.transform.scale, -stats.max),
-            Some(_) => target_t as f32 - stats.max,
-        }),
+        (RowTarget::Class(_), Some(z_y)) if target_allowed => {
+            let r_y = match job.transform.cap {
+                None => libm::fmaf(z_y, job.transform.scale, -stats.max),
+                Some(_) => target_t as f32 - stats.max,
+            };
+            // Beyond f32 the row took the careful path, which summed pre-scaled values.
+            if r_y.is_finite() {
+                Some(f64::from(r_y))
+            } else {
+                let c = CAREFUL_SCALE;
+                let scaled = z_y * (job.transform.scale * c) - stats.max * c;
+                Some(f64::from(scaled) * CAREFUL_UNSCALE)
+            }
+        }
         _ => None,
     };
     let loss = coefficients.row_weight * coefficients.loss(stats, target_t, target_shift) + z_loss;
@@ -1428,19 +1436,18 @@ pub(crate) fn gradient_row<V: RowKernels>(
         let mut mm = MaxMin::<V>::new(mask);
         fold(z, f32::NEG_INFINITY, &mut mm);
         let (zmax, zmin) = mm.result();
-        match degenerate(zmax, z, mask) {
-            Some(stats) => stats,
-            None => {
-                let (m, tmin) = (
-                    transform_f32(transform, zmax),
-                    transform_f32(transform, zmin),
-                );
-                let lanes = Lanes::new(m, transform, aux, mask);
-                if needs_care(m, tmin) || mask.is_some() {
-                    sums_map::<V, true>(&mut io, m, lanes)
-                } else {
-                    sums_map::<V, false>(&mut io, m, lanes)
-                }
+        if let Some(stats) = degenerate(zmax, z, mask) {
+            stats
+        } else {
+            let (m, tmin) = (
+                transform_f32(transform, zmax),
+                transform_f32(transform, zmin),
+            );
+            let lanes = Lanes::new(m, transform, aux, mask);
+            if needs_care(m, tmin) || mask.is_some() {
+                sums_map::<V, true>(&mut io, m, lanes)
+            } else {
+                sums_map::<V, false>(&mut io, m, lanes)
             }
         }
     } else {
@@ -1525,18 +1532,18 @@ fn write_gradient<V: Vector>(
     let masked = stats.allowed < job.classes.get() as u64;
     if stored_exps {
         if masked {
-            io.map_out(0.0, &mut Scale::<V, true> { grad, aux })
+            io.map_out(0.0, &mut Scale::<V, true> { grad, aux });
         } else {
-            io.map_out(0.0, &mut Scale::<V, false> { grad, aux })
+            io.map_out(0.0, &mut Scale::<V, false> { grad, aux });
         }
     } else {
         let lanes = Lanes::new(stats.max, transform, aux, mask);
         let careful = masked || mask.is_some();
         let ninf = f32::NEG_INFINITY;
         if careful {
-            io.map(ninf, &mut Recompute::<V, true> { lanes, grad })
+            io.map(ninf, &mut Recompute::<V, true> { lanes, grad });
         } else {
-            io.map(ninf, &mut Recompute::<V, false> { lanes, grad })
+            io.map(ninf, &mut Recompute::<V, false> { lanes, grad });
         }
     }
     // The target's gradient, in f64 from the logit itself: A' p_y - B - [allowed](C v_y + D).

@@ -849,7 +849,7 @@ impl<'a> CrossEntropy<'a> {
                 actual: losses.len(),
             });
         }
-        self.reject_soft(targets)?;
+        Self::reject_soft(targets)?;
         let plan = self.plan(0, Some(0), targets, losses.len(), None, &extras)?;
         let kernel = arch::select(self.backend)?;
         let totals = kernel.run(
@@ -947,7 +947,7 @@ impl<'a> CrossEntropy<'a> {
         Ok(())
     }
 
-    fn reject_soft(&self, targets: Targets<'_>) -> Result<(), Error> {
+    fn reject_soft(targets: Targets<'_>) -> Result<(), Error> {
         if matches!(targets, Targets::Soft(_)) {
             return Err(Error::Unsupported {
                 what: "soft targets with vocabulary pieces",
@@ -965,7 +965,7 @@ impl<'a> CrossEntropy<'a> {
         states_len: usize,
         grad_len: Option<usize>,
     ) -> Result<Plan<'a>, Error> {
-        self.reject_soft(targets)?;
+        Self::reject_soft(targets)?;
         self.validate_config()?;
         let fits = piece
             .offset
@@ -990,6 +990,7 @@ impl<'a> CrossEntropy<'a> {
 
     /// Checks every argument but the backend; counts the non-ignored rows and the mean's
     /// denominator. `width` is the row width of `logits` (`K` unless a piece).
+    #[allow(clippy::too_many_lines)]
     pub(crate) fn plan<'p>(
         &self,
         logits_len: usize,
