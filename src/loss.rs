@@ -208,7 +208,7 @@ pub struct Extras<'o> {
     /// z-loss is off or the row is ignored.
     pub z_loss: Option<&'o mut [f32]>,
     /// Whether each row's target attains the row's max logit (token accuracy; ties count as
-    /// correct). For soft targets: the most probable target class (the first on ties). Ignored
+    /// correct, compared after the logit scale and soft-cap, in f32). For soft targets: the most probable target class (the first on ties). Ignored
     /// rows get `false`.
     pub correct: Option<&'o mut [bool]>,
     /// Upstream gradient per row, for [`Reduction::None`]: row `i`'s gradient is multiplied by

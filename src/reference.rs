@@ -299,7 +299,11 @@ fn row_core(
         .filter(|&(k, &z)| allowed(k, z))
         .fold(f32::NEG_INFINITY, |m, (_, &z)| m.max(z));
     let correct = match target {
-        RefTarget::Class(y) => target_allowed && logits.get(y).copied() == Some(zmax),
+        // Ties after the transform count (a soft-cap saturates): compare the f32 transformed
+        // logits, as the kernels do.
+        RefTarget::Class(y) => {
+            target_allowed && logits.get(y).is_some_and(|&z| t(y, z) as f32 == max as f32)
+        }
         RefTarget::Soft(u) => {
             let mut best: Option<(usize, f32)> = None;
             for (k, &p) in u.iter().enumerate() {
