@@ -790,7 +790,9 @@ impl<'a> CrossEntropy<'a> {
     /// use smoothce::{CrossEntropy, Piece, RowState};
     /// let mut states = [RowState::EMPTY; 2];
     /// CrossEntropy::new(4).piece_states(&[1.0, 2.0, 3.0, 4.0], Piece { offset: 2, width: 2 }, &[3_u32, 0], &mut states)?;
-    /// assert!((states[0].lse() - (3.0_f64.exp() + 4.0_f64.exp()).ln()).abs() < 1e-6);
+    /// // Two rows of the piece: [1, 2] and [3, 4].
+    /// assert!((states[0].lse() - (1.0_f64.exp() + 2.0_f64.exp()).ln()).abs() < 1e-6);
+    /// assert!((states[1].lse() - (3.0_f64.exp() + 4.0_f64.exp()).ln()).abs() < 1e-6);
     /// # Ok::<(), smoothce::Error>(())
     /// ```
     pub fn piece_states<'t>(
