@@ -69,7 +69,7 @@ fn main() -> Result<(), smoothce::Error> {
     let before = LIVE.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
     let mut chunk = vec![0.0_f32; CHUNK];
-    let mut grad_h = vec![0.0_f32; HIDDEN];
+    let mut grad_h = [0.0_f32; HIDDEN];
 
     // Sweep 1: statistics of every chunk, merged.
     let mut state = RowState::EMPTY;

@@ -92,7 +92,9 @@ fn case() -> impl Strategy<Value = Case> {
                     for row in s.chunks_mut(classes) {
                         let total: f32 = row.iter().sum();
                         if total > 0.0 {
-                            row.iter_mut().for_each(|v| *v /= total);
+                            for v in row.iter_mut() {
+                                *v /= total;
+                            }
                         }
                     }
                     s
@@ -126,7 +128,7 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
-fn config<'a>(c: &'a Case, backend: Backend) -> CrossEntropy<'a> {
+fn config(c: &Case, backend: Backend) -> CrossEntropy<'_> {
     let mut ce = CrossEntropy::new(c.classes)
         .smoothing(if c.off_target && c.soft.is_none() {
             Smoothing::OffTarget(c.eps)

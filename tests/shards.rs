@@ -2,7 +2,11 @@
 //! orders and tree shapes, must give the unsplit kernel's loss and gradient within tolerance, with
 //! every option that pieces support, on every backend.
 
-#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    clippy::too_many_lines
+)]
 
 use proptest::prelude::*;
 use smoothce::{
