@@ -1,0 +1,307 @@
+//! Panic-freedom check for `smoothce` on the host (x86_64 with the AVX2 and AVX-512 backends).
+//!
+//! Each public compute function is called from a `#[no_panic]` wrapper that passes the caller's
+//! arguments straight through. `no_panic` makes the build fail at link time (an undefined symbol
+//! naming the wrapper) unless the optimiser proved that the wrapped call cannot panic or unwind.
+//! `main` calls every wrapper with configurations, target types and extras that are only known at
+//! run time, and checks the kernels against the reference, so the binary is a smoke test too.
+
+use core::hint::black_box;
+
+use no_panic::no_panic;
+use smoothce::{
+    reference, Backend, CrossEntropy, Error, Extras, Reduction, Smoothing, Summary, Targets,
+};
+
+#[no_panic]
+fn forward(ce: &CrossEntropy<'_>, z: &[f32], t: &[u32], losses: &mut [f32]) -> Result<f32, Error> {
+    ce.forward(z, t, losses)
+}
+
+#[no_panic]
+fn forward_backward(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    t: &[u32],
+    losses: &mut [f32],
+    grad: &mut [f32],
+) -> Result<f32, Error> {
+    ce.forward_backward(z, t, losses, grad)
+}
+
+#[no_panic]
+fn forward_backward_in_place(
+    ce: &CrossEntropy<'_>,
+    z: &mut [f32],
+    t: &[u32],
+    losses: &mut [f32],
+) -> Result<f32, Error> {
+    ce.forward_backward_in_place(z, t, losses)
+}
+
+#[no_panic]
+fn forward_with(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    t: Targets<'_>,
+    losses: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    ce.forward_with(z, t, losses, extras)
+}
+
+#[no_panic]
+fn forward_backward_with(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    t: Targets<'_>,
+    losses: &mut [f32],
+    grad: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    ce.forward_backward_with(z, t, losses, grad, extras)
+}
+
+#[no_panic]
+fn forward_backward_in_place_with(
+    ce: &CrossEntropy<'_>,
+    z: &mut [f32],
+    t: Targets<'_>,
+    losses: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    ce.forward_backward_in_place_with(z, t, losses, extras)
+}
+
+#[no_panic]
+fn reference_forward(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    t: &[u32],
+    losses: &mut [f32],
+) -> Result<f32, Error> {
+    reference::forward(ce, z, t, losses)
+}
+
+#[no_panic]
+fn reference_forward_backward(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    t: &[u32],
+    losses: &mut [f32],
+    grad: &mut [f32],
+) -> Result<f32, Error> {
+    reference::forward_backward(ce, z, t, losses, grad)
+}
+
+#[no_panic]
+fn reference_forward_with(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    t: Targets<'_>,
+    losses: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    reference::forward_with(ce, z, t, losses, extras)
+}
+
+#[no_panic]
+fn reference_forward_backward_with(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    t: Targets<'_>,
+    losses: &mut [f32],
+    grad: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    reference::forward_backward_with(ce, z, t, losses, grad, extras)
+}
+
+#[no_panic]
+fn reference_row(
+    z: &[f32],
+    target: usize,
+    smoothing: Smoothing,
+    grad: Option<&mut [f64]>,
+) -> Result<f64, Error> {
+    reference::row(z, target, smoothing, grad)
+}
+
+#[no_panic]
+fn agrees(got: f32, want: f64, tolerance: f64) -> bool {
+    reference::agrees(got, want, tolerance)
+}
+
+#[no_panic]
+fn coefficients(smoothing: Smoothing, allowed: u64, target_allowed: bool) -> (f64, f64) {
+    smoothing.coefficients(allowed, target_allowed)
+}
+
+#[no_panic]
+fn target_rows(t: Targets<'_>, classes: usize) -> Option<usize> {
+    t.rows(classes)
+}
+
+#[no_panic]
+fn resolve(backend: Backend) -> Option<Backend> {
+    backend.resolve()
+}
+
+const K: usize = 37;
+const ROWS: usize = 3;
+
+fn agree_all(got: &[f32], want: &[f32]) -> bool {
+    got.len() == want.len()
+        && got
+            .iter()
+            .zip(want)
+            .all(|(&g, &w)| agrees(g, f64::from(w), 1e-5))
+}
+
+/// Every entry point on one configuration; returns whether all agreed with the reference.
+fn check(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) -> bool {
+    let n = logits.len();
+    let (mut losses, mut ref_losses) = (vec![0.0_f32; ROWS], vec![0.0_f32; ROWS]);
+    let (mut grad, mut ref_grad) = (vec![0.0_f32; n], vec![0.0_f32; n]);
+    let mut in_place = logits.to_vec();
+    let a = forward(ce, logits, targets, &mut losses).expect("forward");
+    let b =
+        forward_backward(ce, logits, targets, &mut losses, &mut grad).expect("forward_backward");
+    let c = forward_backward_in_place(ce, &mut in_place, targets, &mut losses)
+        .expect("forward_backward_in_place");
+    let want = reference_forward(ce, logits, targets, &mut ref_losses).expect("reference::forward");
+    reference_forward_backward(ce, logits, targets, &mut ref_losses, &mut ref_grad)
+        .expect("reference::forward_backward");
+    let mut ok = [a, b, c]
+        .into_iter()
+        .all(|got| agrees(got, f64::from(want), 1e-5))
+        && agree_all(&losses, &ref_losses)
+        && agree_all(&grad, &ref_grad)
+        && grad == in_place;
+
+    // The `_with` calls with every extra, on i64 targets.
+    let wide: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
+    let (mut lse, mut ref_lse) = (vec![0.0_f32; ROWS], vec![0.0_f32; ROWS]);
+    let (mut zl, mut ref_zl) = (vec![0.0_f32; ROWS], vec![0.0_f32; ROWS]);
+    let (mut correct, mut ref_correct) = (vec![false; ROWS], vec![false; ROWS]);
+    let scales = [1.0_f32, 0.5, 2.0];
+    let row_scales = (ce.reduction_config() == Reduction::None).then_some(&scales[..]);
+    let s = forward_backward_with(
+        ce,
+        logits,
+        Targets::I64(&wide),
+        &mut losses,
+        &mut grad,
+        Extras {
+            lse: Some(&mut lse),
+            z_loss: Some(&mut zl),
+            correct: Some(&mut correct),
+            row_scales,
+        },
+    )
+    .expect("forward_backward_with");
+    let r = reference_forward_backward_with(
+        ce,
+        logits,
+        Targets::I64(&wide),
+        &mut ref_losses,
+        &mut ref_grad,
+        Extras {
+            lse: Some(&mut ref_lse),
+            z_loss: Some(&mut ref_zl),
+            correct: Some(&mut ref_correct),
+            row_scales,
+        },
+    )
+    .expect("reference::forward_backward_with");
+    ok &= agrees(s.loss, f64::from(r.loss), 1e-5)
+        && agree_all(&losses, &ref_losses)
+        && agree_all(&grad, &ref_grad)
+        && agree_all(&lse, &ref_lse)
+        && agree_all(&zl, &ref_zl)
+        && correct == ref_correct;
+    let f = forward_with(
+        ce,
+        logits,
+        Targets::I64(&wide),
+        &mut losses,
+        Extras::default(),
+    )
+    .expect("forward_with");
+    let rf = reference_forward_with(
+        ce,
+        logits,
+        Targets::I64(&wide),
+        &mut ref_losses,
+        Extras::default(),
+    )
+    .expect("reference::forward_with");
+    in_place.copy_from_slice(logits);
+    let ip = forward_backward_in_place_with(
+        ce,
+        &mut in_place,
+        Targets::I64(&wide),
+        &mut losses,
+        Extras {
+            row_scales,
+            ..Extras::default()
+        },
+    )
+    .expect("forward_backward_in_place_with");
+    ok &= agrees(f.loss, f64::from(rf.loss), 1e-5) && agrees(ip.loss, f64::from(r.loss), 1e-5);
+    ok && target_rows(Targets::I64(&wide), K) == Some(ROWS)
+}
+
+fn main() {
+    let logits: Vec<f32> = (0..ROWS * K)
+        .map(|i| ((i * 7919) % 101) as f32 * 0.1 - 5.0)
+        .collect();
+    let targets: Vec<u32> = (0..ROWS as u32).map(|r| (r * 11) % K as u32).collect();
+    let weights: Vec<f32> = (0..K).map(|k| 0.5 + (k % 3) as f32 * 0.25).collect();
+
+    // The scalar helpers.
+    let mut row_grad = vec![0.0_f64; K];
+    let row_loss = reference_row(
+        &logits[..K],
+        targets[0] as usize,
+        Smoothing::Uniform(0.1),
+        Some(&mut row_grad),
+    )
+    .expect("reference::row");
+    assert!(row_loss.is_finite() && row_grad.iter().sum::<f64>().abs() < 1e-9);
+    let (on, per) = coefficients(Smoothing::OffTarget(0.2), K as u64, true);
+    assert!((on + per * K as f64 - 1.0).abs() < 1e-9);
+
+    let mut checked = 0_u32;
+    for backend in Backend::ALL {
+        if resolve(black_box(backend)).is_none() {
+            println!("backend {backend:?}: not available on this CPU, skipped");
+            continue;
+        }
+        for smoothing in [Smoothing::Uniform(0.1), Smoothing::OffTarget(0.2)] {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                for options in 0..2 {
+                    let mut ce = CrossEntropy::new(K)
+                        .smoothing(smoothing)
+                        .reduction(reduction)
+                        .ignore_index(u32::MAX)
+                        .backend(backend);
+                    if options == 1 {
+                        ce = ce
+                            .class_weights(&weights)
+                            .z_loss(1e-3)
+                            .logit_scale(0.75)
+                            .softcap(20.0);
+                    }
+                    let ce = black_box(ce);
+                    assert!(
+                        check(&ce, &logits, &targets),
+                        "{backend:?} {smoothing:?} {reduction:?} options {options}: disagrees with the reference"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    println!("no-panic host check: every wrapper linked; {checked} configurations agreed with the reference");
+}
