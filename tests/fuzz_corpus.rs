@@ -16,10 +16,12 @@ use smoothce::{reference, Backend, CrossEntropy, Reduction, Smoothing};
 mod fuzz_support;
 
 /// The files of `dir` (relative to the crate root) whose names start with `prefix`, sorted; empty
-/// when the directory is absent.
+/// when the directory is absent. `cargo test` runs tests in the crate root, and under WASI only
+/// that directory is visible, so the relative path is tried first.
 fn inputs(dir: &str, prefix: &str) -> Vec<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-    let Ok(entries) = fs::read_dir(&path) else {
+    let entries = fs::read_dir(dir)
+        .or_else(|_| fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir)));
+    let Ok(entries) = entries else {
         return Vec::new();
     };
     let mut files: Vec<PathBuf> = entries
