@@ -464,7 +464,13 @@ fn batch(
         z_loss: job.z_loss,
     };
     let (mut total, mut total_z, mut correct) = (0.0, 0.0, 0_usize);
-    for (i, (z, loss)) in logits.chunks_exact(k).zip(losses.iter_mut()).enumerate() {
+    // `k >= 1` (a NonZeroUsize); `max(1)` lets the optimiser see it and drop chunks_exact's
+    // zero-size panic, which the Cortex-M link probe would otherwise find.
+    for (i, (z, loss)) in logits
+        .chunks_exact(k.max(1))
+        .zip(losses.iter_mut())
+        .enumerate()
+    {
         let mut out = grad
             .as_deref_mut()
             .and_then(|g| g.get_mut(i * k..(i + 1) * k));
