@@ -259,7 +259,6 @@ pub(crate) fn run<V: RowKernels>(
     buffers: Buffers<'_>,
     mut out: Outputs<'_>,
 ) -> Totals {
-    let k = job.classes.get();
     let mut totals = Totals::default();
     let mut record = |row: usize, r: RowResult| {
         if let Some(slot) = out.losses.get_mut(row) {
@@ -280,7 +279,7 @@ pub(crate) fn run<V: RowKernels>(
     };
     match buffers {
         Buffers::Forward { logits } => {
-            for (row, z) in logits.chunks_exact(k).enumerate() {
+            for (row, z) in split_rows(logits, job.classes).enumerate() {
                 let result = match job.row_target(&targets, row) {
                     Some(target) => forward_row::<V>(job, z, target),
                     None => RowResult::default(),
@@ -289,14 +288,21 @@ pub(crate) fn run<V: RowKernels>(
             }
         }
         Buffers::Separate { logits, grad } => {
-            let rows = Rows::Separate(logits.chunks_exact(k).zip(grad.chunks_exact_mut(k)));
+            let rows = Rows::Separate {
+                logits,
+                grad,
+                width: job.classes,
+            };
             gradient_rows::<V>(job, &targets, rows, &mut record);
         }
         Buffers::InPlace { logits } => {
             gradient_rows::<V>(
                 job,
                 &targets,
-                Rows::InPlace(logits.chunks_exact_mut(k)),
+                Rows::InPlace {
+                    logits,
+                    width: job.classes,
+                },
                 &mut record,
             );
         }
@@ -307,7 +313,7 @@ pub(crate) fn run<V: RowKernels>(
         } => match NonZeroUsize::new(piece.width) {
             None => states.fill(RowState::EMPTY),
             Some(width) => {
-                for (row, (z, state)) in logits.chunks_exact(width.get()).zip(states).enumerate() {
+                for (row, (z, state)) in split_rows(logits, width).zip(states).enumerate() {
                     *state = match job.row_target(&targets, row) {
                         Some(RowTarget::Class(y)) => piece_state::<V>(job, z, piece, y),
                         _ => RowState::EMPTY,
@@ -319,7 +325,7 @@ pub(crate) fn run<V: RowKernels>(
             for (row, state) in states.iter().enumerate() {
                 let result = match job.row_target(&targets, row) {
                     Some(target) => {
-                        row_result(job, &state.stats, target, state.target_logit, false)
+                        row_result(job, &state.stats, target, state.target_logit, false, None)
                     }
                     None => RowResult::default(),
                 };
@@ -333,8 +339,11 @@ pub(crate) fn run<V: RowKernels>(
             states,
         } => {
             if let Some(width) = NonZeroUsize::new(piece.width) {
-                let w = width.get();
-                let rows = Rows::Separate(logits.chunks_exact(w).zip(grad.chunks_exact_mut(w)));
+                let rows = Rows::Separate {
+                    logits,
+                    grad,
+                    width,
+                };
                 piece_gradients::<V>(job, &targets, rows, piece, states);
             }
         }
@@ -344,7 +353,7 @@ pub(crate) fn run<V: RowKernels>(
             states,
         } => {
             if let Some(width) = NonZeroUsize::new(piece.width) {
-                let rows = Rows::InPlace(logits.chunks_exact_mut(width.get()));
+                let rows = Rows::InPlace { logits, width };
                 piece_gradients::<V>(job, &targets, rows, piece, states);
             }
         }
@@ -378,11 +387,20 @@ pub(crate) trait RowKernels: Vector {
 
 /// The rows of a gradient call as [`Io`]s, whichever the buffer layout: one loop, so the row
 /// kernel is inlined (and compiled) once per backend instead of once per layout.
+///
+/// Split off row by row with `split_at_checked` rather than zipped `chunks_exact`: `Zip::new`
+/// divides by the chunk size out of line, where the optimiser no longer sees that it is not zero,
+/// and the Cortex-M link probe finds the division's panic.
 enum Rows<'a> {
-    Separate(
-        core::iter::Zip<core::slice::ChunksExact<'a, f32>, core::slice::ChunksExactMut<'a, f32>>,
-    ),
-    InPlace(core::slice::ChunksExactMut<'a, f32>),
+    Separate {
+        logits: &'a [f32],
+        grad: &'a mut [f32],
+        width: NonZeroUsize,
+    },
+    InPlace {
+        logits: &'a mut [f32],
+        width: NonZeroUsize,
+    },
 }
 
 impl<'a> Iterator for Rows<'a> {
@@ -390,10 +408,34 @@ impl<'a> Iterator for Rows<'a> {
 
     fn next(&mut self) -> Option<Io<'a>> {
         match self {
-            Rows::Separate(rows) => rows.next().map(|(z, g)| Io::Separate(z, g)),
-            Rows::InPlace(rows) => rows.next().map(Io::InPlace),
+            Rows::Separate {
+                logits,
+                grad,
+                width,
+            } => {
+                let (z, z_rest) = logits.split_at_checked(width.get())?;
+                let (g, g_rest) = core::mem::take(grad).split_at_mut_checked(width.get())?;
+                *logits = z_rest;
+                *grad = g_rest;
+                Some(Io::Separate(z, g))
+            }
+            Rows::InPlace { logits, width } => {
+                let (z, rest) = core::mem::take(logits).split_at_mut_checked(width.get())?;
+                *logits = rest;
+                Some(Io::InPlace(z))
+            }
         }
     }
+}
+
+/// The rows of `logits`, `width` elements each (a last partial row is left out).
+fn split_rows(logits: &[f32], width: NonZeroUsize) -> impl Iterator<Item = &[f32]> {
+    let mut rest = logits;
+    core::iter::from_fn(move || {
+        let (row, tail) = rest.split_at_checked(width.get())?;
+        rest = tail;
+        Some(row)
+    })
 }
 
 /// Loss and gradient of every row.
@@ -479,6 +521,7 @@ pub(crate) fn piece_gradient<V: RowKernels>(
         target,
         state.target_logit,
         false,
+        None,
         row,
         false,
         piece,
@@ -1251,7 +1294,17 @@ impl Coefficients {
 
     /// The loss (before the row weight and the z-loss), each term skipped when its coefficient is
     /// 0 so that `0 * inf` never makes a NaN.
-    fn loss(&self, stats: &Stats, target_t: f64, target_shift: Option<f64>) -> f64 {
+    ///
+    /// `rest`, when given, is the exact sum of `t - m` over the allowed classes other than the
+    /// target (see [`exact_rest`]); it replaces `S - r_y` where that could cancel: when the
+    /// target's weight `B + D = q_y` is below half of `D`.
+    fn loss(
+        &self,
+        stats: &Stats,
+        target_t: f64,
+        target_shift: Option<f64>,
+        rest: Option<f64>,
+    ) -> f64 {
         let mut loss = 0.0;
         if self.a != 0.0 {
             loss += self.a * libm::log(stats.sum_exp);
@@ -1262,7 +1315,13 @@ impl Coefficients {
         // into `S`. Every term is then >= 0 (B + D = q_y), so nothing cancels even when B < 0
         // (off-target smoothing with eps > (K-1)/K).
         let (b, shifted_sum) = match target_shift {
-            Some(r_y) if self.c == 0.0 && !self.soft => (self.b + self.d, stats.shifted_sum - r_y),
+            Some(r_y) if self.c == 0.0 && !self.soft => {
+                let q_y = self.b + self.d;
+                match rest {
+                    Some(rest) if self.d > 2.0 * q_y => (q_y, rest),
+                    _ => (q_y, stats.shifted_sum - r_y),
+                }
+            }
             _ => (self.b, stats.shifted_sum),
         };
         if b != 0.0 {
@@ -1283,13 +1342,15 @@ impl Coefficients {
 }
 
 /// Loss, z-loss, lse and correctness of a row from its statistics; `target_z` is the target's
-/// raw logit (class targets), `soft_correct` the correctness of a soft-target row.
+/// raw logit (class targets), `soft_correct` the correctness of a soft-target row, `rest` the
+/// exact non-target shifted sum when [`exact_rest`] computed one.
 fn finish_row(
     job: &Job<'_>,
     stats: &Stats,
     target: RowTarget<'_>,
     target_z: Option<f32>,
     soft_correct: bool,
+    rest: Option<f64>,
 ) -> (RowResult, Coefficients, f64) {
     let (target_t, target_allowed) = match target {
         RowTarget::Class(y) => {
@@ -1316,7 +1377,7 @@ fn finish_row(
     let target_shift = match (target, target_z) {
         (RowTarget::Class(_), Some(z_y)) if target_allowed => {
             let r_y = match job.transform.cap {
-                None => libm::fmaf(z_y, job.transform.scale, -stats.max),
+                None => fused_multiply_add(z_y, job.transform.scale, -stats.max),
                 Some(_) => target_t as f32 - stats.max,
             };
             // Beyond f32 the row took the careful path, which summed pre-scaled values.
@@ -1330,7 +1391,8 @@ fn finish_row(
         }
         _ => None,
     };
-    let loss = coefficients.row_weight * coefficients.loss(stats, target_t, target_shift) + z_loss;
+    let loss =
+        coefficients.row_weight * coefficients.loss(stats, target_t, target_shift, rest) + z_loss;
     let correct = match target {
         RowTarget::Class(_) => target_allowed && target_t as f32 == stats.max,
         RowTarget::Soft(_) => soft_correct,
@@ -1379,7 +1441,8 @@ fn aux_row<'a>(job: &Job<'a>, target: RowTarget<'a>) -> Option<&'a [f32]> {
 fn forward_row<V: RowKernels>(job: &Job<'_>, z: &[f32], target: RowTarget<'_>) -> RowResult {
     let stats = V::stats(z, job.transform, aux_row(job, target), job.class_mask);
     let (target_z, soft) = target_inputs(job, target, z);
-    row_result(job, &stats, target, target_z, soft)
+    let rest = exact_rest(job, z, target, stats.max);
+    row_result(job, &stats, target, target_z, soft, rest)
 }
 
 /// The results of a row from its statistics, degenerate rows included.
@@ -1389,6 +1452,7 @@ fn row_result(
     target: RowTarget<'_>,
     target_z: Option<f32>,
     soft_correct: bool,
+    rest: Option<f64>,
 ) -> RowResult {
     if stats.invalid {
         return RowResult::NAN;
@@ -1401,7 +1465,54 @@ fn row_result(
             correct: false,
         };
     }
-    finish_row(job, stats, target, target_z, soft_correct).0
+    finish_row(job, stats, target, target_z, soft_correct, rest).0
+}
+
+/// The exact sum of `t_k - m` (in f64, from the logits) over the allowed classes `k != y`, for
+/// the rows that may need it: off-target smoothing with `eps > 2/3`, a class target below the
+/// row max, no per-class weights. There the target's weight in the loss, `q_y = 1 - eps`, can be
+/// below half the weight `D = eps / (K' - 1)` of its share of the shifted sum (`K'` allowed
+/// classes, known only after the pass that may overwrite the logits), and `S - r_y` cancels when
+/// the target's logit lies far below the others (`[-1e30, 1, 0, 0.5]` with target 0): the f32
+/// lane sums lose the other classes' terms next to `r_y`. Where `D <= 2 q_y` the cancellation
+/// costs at most a factor 2 of the ordinary f32 accumulation error and the loss ignores this sum;
+/// since `D <= eps`, that holds for every row below `eps = 2/3`, which never pays for this
+/// scalar pass. `m` is the row's `t` max.
+fn exact_rest(job: &Job<'_>, z: &[f32], target: RowTarget<'_>, m: f32) -> Option<f64> {
+    let RowTarget::Class(y) = target else {
+        return None;
+    };
+    match (job.smoothing, job.weights) {
+        (_, Weights::PerClass(_)) => return None,
+        (Smoothing::OffTarget(eps), _) if eps > 2.0 / 3.0 => {}
+        _ => return None,
+    }
+    let target_below_max = z
+        .get(y)
+        .is_some_and(|&z_y| (job.transform.scalar(z_y) as f32) < m);
+    if !target_below_max {
+        return None;
+    }
+    let m = f64::from(m);
+    let allowed = |k: usize| {
+        job.class_mask
+            .is_none_or(|mask| mask.get(k).copied().unwrap_or(false))
+    };
+    let mut rest = 0.0;
+    for (k, &x) in z.iter().enumerate() {
+        if k != y && x != f32::NEG_INFINITY && allowed(k) {
+            rest += job.transform.scalar(x) - m;
+        }
+    }
+    Some(rest)
+}
+
+/// `a * b + c` with one rounding to f32 in all but rare ties: the product of two f32 is exact in
+/// f64, so only the sum rounds (to f64, then to f32). `libm::fmaf` would be exact, but on x86 it
+/// detects FMA with `cpuid` at run time, which Miri cannot execute and which a kernel called
+/// once per row does not need.
+fn fused_multiply_add(a: f32, b: f32, c: f32) -> f32 {
+    (f64::from(a) * f64::from(b) + f64::from(c)) as f32
 }
 
 /// The target's raw logit (class targets) and, when asked for, the correctness of a soft-target
@@ -1432,26 +1543,30 @@ pub(crate) fn gradient_row<V: RowKernels>(
     let (target_z, soft_correct) = target_inputs(job, target, z);
     let k = z.len();
     let reload = k <= RELOAD_MAX && transform.cap.is_none();
-    let stats = if reload {
+    let (stats, rest) = if reload {
         let mut mm = MaxMin::<V>::new(mask);
         fold(z, f32::NEG_INFINITY, &mut mm);
         let (zmax, zmin) = mm.result();
         if let Some(stats) = degenerate(zmax, z, mask) {
-            stats
+            (stats, None)
         } else {
             let (m, tmin) = (
                 transform_f32(transform, zmax),
                 transform_f32(transform, zmin),
             );
+            // Before the pass that may overwrite the logits with exps.
+            let rest = exact_rest(job, z, target, m);
             let lanes = Lanes::new(m, transform, aux, mask);
-            if needs_care(m, tmin) || mask.is_some() {
+            let stats = if needs_care(m, tmin) || mask.is_some() {
                 sums_map::<V, true>(&mut io, m, lanes)
             } else {
                 sums_map::<V, false>(&mut io, m, lanes)
-            }
+            };
+            (stats, rest)
         }
     } else {
-        V::stats(z, transform, aux, mask)
+        let stats = V::stats(z, transform, aux, mask);
+        (stats, exact_rest(job, z, target, stats.max))
     };
     let piece = PieceInputs {
         target_index: match target {
@@ -1468,6 +1583,7 @@ pub(crate) fn gradient_row<V: RowKernels>(
         target,
         target_z,
         soft_correct,
+        rest,
         row,
         reload,
         piece,
@@ -1497,6 +1613,7 @@ fn write_gradient<V: Vector>(
     target: RowTarget<'_>,
     target_z: Option<f32>,
     soft_correct: bool,
+    rest: Option<f64>,
     row: usize,
     stored_exps: bool,
     piece: PieceInputs<'_>,
@@ -1515,7 +1632,7 @@ fn write_gradient<V: Vector>(
             correct: false,
         };
     }
-    let (result, coef, lse) = finish_row(job, stats, target, target_z, soft_correct);
+    let (result, coef, lse) = finish_row(job, stats, target, target_z, soft_correct, rest);
     let row_scale = job
         .row_scales
         .and_then(|r| r.get(row))

@@ -464,13 +464,12 @@ fn batch(
         z_loss: job.z_loss,
     };
     let (mut total, mut total_z, mut correct) = (0.0, 0.0, 0_usize);
-    // `k >= 1` (a NonZeroUsize); `max(1)` lets the optimiser see it and drop chunks_exact's
-    // zero-size panic, which the Cortex-M link probe would otherwise find.
-    for (i, (z, loss)) in logits
-        .chunks_exact(k.max(1))
-        .zip(losses.iter_mut())
-        .enumerate()
-    {
+    // Row by row with checked slicing, not `chunks_exact(k).zip(..)`: `Zip::new` divides by the
+    // chunk size out of line, and the Cortex-M link probe finds the division's panic.
+    for (i, loss) in losses.iter_mut().enumerate() {
+        let Some(z) = logits.get(i * k..(i + 1) * k) else {
+            break;
+        };
         let mut out = grad
             .as_deref_mut()
             .and_then(|g| g.get_mut(i * k..(i + 1) * k));

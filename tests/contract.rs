@@ -678,8 +678,9 @@ fn rows_are_independent_of_position_and_batch_size() {
 }
 
 /// Four threads call the kernels at once (`Backend::Auto`, every entry point, several shapes)
-/// and get exactly the single-threaded results.
+/// and get exactly the single-threaded results. (wasm32-wasip1 has no threads: skipped there.)
 #[test]
+#[cfg_attr(target_os = "wasi", ignore = "wasm32-wasip1 cannot spawn threads")]
 fn concurrent_calls_match_a_single_thread() {
     let mut rng = Rng::new(0x7777);
     let shapes = [

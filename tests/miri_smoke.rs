@@ -296,7 +296,7 @@ fn with_entry_points_agree_with_the_reference() {
 /// every kernel backend returns a loss of `+inf` where the reference gives a finite one (the
 /// gradients agree). Un-ignore once the kernel is fixed.
 #[test]
-#[ignore = "known kernel bug: class_weights + class_mask + smoothing gives loss +inf"]
+
 fn weights_with_mask_and_smoothing() {
     let z = logits(WITH_ROWS, WITH_K);
     let weights = class_weights();

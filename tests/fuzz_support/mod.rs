@@ -670,56 +670,8 @@ impl DiffCase {
 }
 
 /// Decodes `data` as a differential case and checks it; panics with a description on mismatch.
-/// Known, reported library bugs ([`known_loss_bug`]) are not reported again.
 pub fn differential(data: &[u8]) {
-    check_differential(&decode_differential(data), Mode::Fuzz);
-}
-
-/// As [`differential`], with no exemption for known bugs (for the saved regression inputs).
-pub fn differential_strict(data: &[u8]) {
-    check_differential(&decode_differential(data), Mode::Strict);
-}
-
-/// Whether the checks skip known library bugs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Allow for the known, reported bugs ([`known_loss_bug`]), so that fuzzing goes on finding
-    /// new ones.
-    Fuzz,
-    /// Compare everything.
-    Strict,
-}
-
-/// A known library bug that makes the row loss of `z` (target `target`) disagree with the
-/// reference; `None` when the row is not affected. Remove an entry once its bug is fixed: the
-/// regression inputs in `fuzz/regressions` (replayed strictly by `tests/fuzz_corpus.rs`) show it.
-///
-/// * **Off-target cancellation** (`bug_off_target_cancellation` in `tests/fuzz_corpus.rs`):
-///   with [`Smoothing::OffTarget`] and `eps > (n - 1) / n` (`n` = the row's non-masked classes;
-///   every row at `eps = 1`, any `eps > 0.5` when only two classes are left), the target
-///   coefficient `on = 1 - eps - eps/(n - 1)` of the kernels' offset-free loss
-///   `on*(m - z_y) + ln s - per*S` is negative, and `on*(m - z_y)` cancels against the target's
-///   share of `-per*S`, whose f32 accumulation error (relative to `m - z_y`) is then far larger than
-///   the loss. A target logit far below the row max gives a loss off by orders of magnitude, even
-///   negative. Since 03f6702 the kernels subtract the target's share from the f32-accumulated sum
-///   afterwards, which fixes the saved input but not a target so far below that its share swamps
-///   the others' in f32: `[-1e30, 1, 0, 0.5]`, target 0, `OffTarget(1.0)` gives 0.680 for 1.180.
-#[must_use]
-pub fn known_loss_bug(smoothing: Smoothing, z: &[f32], target: usize) -> Option<&'static str> {
-    let Smoothing::OffTarget(eps) = smoothing else {
-        return None;
-    };
-    let target_logit = *z.get(target)?;
-    if !target_logit.is_finite() {
-        return None;
-    }
-    let allowed = z.iter().filter(|&&x| x != f32::NEG_INFINITY).count();
-    if allowed < 2 {
-        return None;
-    }
-    let eps = f64::from(eps);
-    let on = 1.0 - eps - eps / (allowed - 1) as f64;
-    (on < 0.0).then_some("off-target cancellation")
+    check_differential(&decode_differential(data));
 }
 
 /// Runs `case` on the kernel and compares with the reference; panics on any mismatch.
@@ -729,7 +681,7 @@ pub fn known_loss_bug(smoothing: Smoothing, z: &[f32], target: usize) -> Option<
 /// When the kernel disagrees with the reference beyond the documented tolerances, breaks the NaN,
 /// masking or ignore rules, writes outside its slices, or differs between the in-place and
 /// out-of-place gradient calls.
-pub fn check_differential(case: &DiffCase, mode: Mode) {
+pub fn check_differential(case: &DiffCase) {
     let ce = case.config();
     let n = case.targets.len();
     let k = case.classes;
@@ -775,7 +727,6 @@ pub fn check_differential(case: &DiffCase, mode: Mode) {
     let mut want_sum = 0.0_f64;
     let mut bound_sum = 0.0_f64;
     let mut row_grad = vec![0.0_f64; k];
-    let mut loose_reduced = false;
     let (loss_tolerance, grad_tolerance) = (LOSS_TOLERANCE, GRAD_TOLERANCE);
     for i in 0..n {
         let loss = losses[i];
@@ -809,28 +760,13 @@ pub fn check_differential(case: &DiffCase, mode: Mode) {
                 case.describe(Some(i), None)
             )
         });
-        let exempt = match mode {
-            Mode::Fuzz => known_loss_bug(case.smoothing, z, case.targets[i] as usize),
-            Mode::Strict => None,
-        };
-        if exempt.is_some() {
-            // Only NaN is checked (the error may even push the value past f32::MAX); the reduced
-            // value is not compared.
-            loose_reduced = true;
-            assert!(
-                loss.is_nan() == row_want.is_nan(),
-                "row {i}: loss {loss:e}, reference {row_want:e}\n{}",
-                case.describe(Some(i), Some(case.targets[i] as usize))
-            );
-        } else {
-            assert!(
-                reference::agrees(loss, row_want, loss_tolerance),
-                "row {i}: loss {loss:e} (bits {:#010x}), reference {row_want:e}, difference {:e}\n{}",
-                loss.to_bits(),
-                f64::from(loss) - row_want,
-                case.describe(Some(i), Some(case.targets[i] as usize))
-            );
-        }
+        assert!(
+            reference::agrees(loss, row_want, loss_tolerance),
+            "row {i}: loss {loss:e} (bits {:#010x}), reference {row_want:e}, difference {:e}\n{}",
+            loss.to_bits(),
+            f64::from(loss) - row_want,
+            case.describe(Some(i), Some(case.targets[i] as usize))
+        );
         want_sum += row_want;
         bound_sum += loss_tolerance * row_want.abs().max(1.0);
         if let Some(g) = grad {
@@ -863,15 +799,7 @@ pub fn check_differential(case: &DiffCase, mode: Mode) {
             }
         }
     }
-    if loose_reduced {
-        assert!(
-            returned.is_nan() == want_sum.is_nan(),
-            "reduced loss {returned:e}, reference sum {want_sum:e}\n{}",
-            case.describe(None, None)
-        );
-    } else {
-        check_reduced(case, returned, want_sum, bound_sum, counted);
-    }
+    check_reduced(case, returned, want_sum, bound_sum, counted);
 
     // The other form of the gradient call must give the same bits.
     let other = match case.entry {

@@ -10,6 +10,8 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::{Backend, Kernel};
+use crate::kernel::{Buffers, Job, Outputs, Totals};
+use crate::Targets;
 
 mod avx2;
 mod avx512;
@@ -25,11 +27,27 @@ static FEATURES: AtomicU8 = AtomicU8::new(UNKNOWN);
 pub(super) fn get(backend: Backend) -> Option<Kernel> {
     let features = features();
     match backend {
-        Backend::Avx2 if features & HAS_AVX2 != 0 => Some(Kernel::new(avx2::run, Backend::Avx2)),
-        Backend::Avx512 if features & HAS_AVX512 != 0 => {
-            Some(Kernel::new(avx512::run, Backend::Avx512))
-        }
+        Backend::Avx2 if features & HAS_AVX2 != 0 => Some(Kernel::checked(Backend::Avx2)),
+        Backend::Avx512 if features & HAS_AVX512 != 0 => Some(Kernel::checked(Backend::Avx512)),
         _ => None,
+    }
+}
+
+/// Runs the batch on `kernel`'s x86 backend (the portable one for any other).
+pub(super) fn run(
+    kernel: Kernel,
+    job: &Job<'_>,
+    targets: Targets<'_>,
+    buffers: Buffers<'_>,
+    outputs: Outputs<'_>,
+) -> Totals {
+    match kernel.backend {
+        // SAFETY: a `Kernel` for AVX2 is only made by `get`, after `features` found AVX2, FMA
+        // and the OS's ymm support (at compile time or with cpuid and xgetbv).
+        Backend::Avx2 => unsafe { avx2::run(job, targets, buffers, outputs) },
+        // SAFETY: as above, for AVX-512F and the zmm and opmask state.
+        Backend::Avx512 => unsafe { avx512::run(job, targets, buffers, outputs) },
+        _ => super::portable::run(job, targets, buffers, outputs),
     }
 }
 
