@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Summarise the `kernels` criterion benchmarks as Markdown tables of medians and ratios.
+"""Summarise the `kernels` and `options` criterion benchmarks as Markdown tables of medians and
+ratios.
 
 Usage:
-    cargo bench --bench kernels
+    cargo bench --bench kernels        # and/or: cargo bench --bench options
     python3 scripts/bench_ratios.py [--criterion-dir DIR] [--group REGEX]
 
 Reads every `<group>/<function>/.../new/benchmark.json` and the `estimates.json` beside it
 under criterion's output directory: `$CARGO_TARGET_DIR/criterion` when CARGO_TARGET_DIR is
 set, else `target/criterion` (relative to the current directory), unless --criterion-dir says
-otherwise. For each group (one shape N x K, ordered by size) it prints a table with, for every
-function:
+otherwise.
+
+For each `kernels` group (one shape N x K, named `NxK`, ordered by size) it prints a table with,
+for every function:
 
 - the median time per call (criterion's `median.point_estimate`),
 - elements per ns (N*K / median ns; the group's `Throughput::Elements`),
@@ -17,6 +20,14 @@ function:
 - speed-up: median of the reference / this median, where the reference is `forward/reference`
   for `forward/*` rows and `forward_backward/reference` for `forward_backward*/*` rows
   ("-" when the group has no reference measurement).
+
+For each `options` group (`options_NxK`: the cost of each loss option, `pieces_NxK`: vocabulary
+pieces), printed after the kernels groups, it prints for every function:
+
+- the median time per call and elements per ns, as above,
+- x memcpy: median / median of the group's `memcpy`,
+- x plain (options groups) or x unsplit (pieces groups): median / median of the group's
+  `fb/plain` or `fb/unsplit`, the same call without the option or without the split.
 
 Only the Python 3 standard library is used. Medians and ratios only: on a shared, noisy
 machine a single absolute figure means little.
@@ -31,6 +42,36 @@ from pathlib import Path
 
 FUNCTION_ORDER = ["memcpy", "forward", "forward_backward", "forward_backward_in_place"]
 VARIANT_ORDER = ["auto", "avx512", "avx2", "portable", "reference"]
+
+# The `options` bench's groups: (group name prefix, baseline row, its column title, row order).
+OPTION_KINDS = {
+    "options": (
+        "fb/plain",
+        "x plain",
+        [
+            "memcpy",
+            "fb/plain",
+            "fb/plain_with",
+            "fb/class_weights",
+            "fb/target_weights",
+            "fb/z_loss",
+            "fb/softcap",
+            "fb/logit_scale",
+            "fb/class_mask",
+            "fb/upstream",
+            "fb/soft_targets",
+            "fb/extras",
+            "fb/ignore_index",
+            "fb/all",
+            "fb/all_softcap",
+        ],
+    ),
+    "pieces": (
+        "fb/unsplit",
+        "x unsplit",
+        ["memcpy", "fb/unsplit", "fb/pieces1", "fb/pieces8", "fb/pieces8_in_place"],
+    ),
+}
 
 
 def default_dir():
@@ -88,12 +129,65 @@ def fmt_ratio(x):
     return f"{x:.2f}"
 
 
+def option_kind(group):
+    """The `OPTION_KINDS` key of an `options` bench group (`options_NxK`, `pieces_NxK`), else None."""
+    prefix, sep, _ = group.partition("_")
+    return prefix if sep and prefix in OPTION_KINDS else None
+
+
 def shape_title(group):
-    m = re.fullmatch(r"(\d+)x(\d+)", group)
-    return f"[{m.group(1)}×{m.group(2)}]" if m else group
+    kind = option_kind(group)
+    shape = group[len(kind) + 1 :] if kind else group
+    m = re.fullmatch(r"(\d+)x(\d+)", shape)
+    if not m:
+        return group
+    title = f"[{m.group(1)}×{m.group(2)}]"
+    return f"{kind} {title}" if kind else title
+
+
+def group_order(item):
+    """Kernels groups first, then options, then pieces; by size within each."""
+    group, entry = item
+    kind = option_kind(group)
+    rank = 0 if kind is None else 1 + list(OPTION_KINDS).index(kind)
+    return (rank, entry["elements"] or 0, group)
+
+
+def title_line(group, elements):
+    title = shape_title(group)
+    if elements:
+        title += f", {elements:,} elements"
+    return f"### {title}"
+
+
+def option_table(group, entry):
+    baseline_name, baseline_title, order = OPTION_KINDS[option_kind(group)]
+    rows = entry["rows"]
+    elements = entry["elements"]
+    memcpy = rows.get("memcpy")
+    baseline = rows.get(baseline_name)
+    lines = [
+        title_line(group, entry["elements"]),
+        "",
+        f"| function | median | elements/ns | x memcpy | {baseline_title} |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    known = {name: i for i, name in enumerate(order)}
+    for name in sorted(rows, key=lambda n: (known.get(n, len(order)), n)):
+        ns = rows[name]
+        per_ns = f"{elements / ns:.3g}" if elements and ns > 0 else "-"
+        vs_memcpy = ns / memcpy if memcpy else None
+        vs_baseline = ns / baseline if baseline and name != "memcpy" else None
+        lines.append(
+            f"| `{name}` | {fmt_time(ns)} | {per_ns} | {fmt_ratio(vs_memcpy)} "
+            f"| {fmt_ratio(vs_baseline)} |"
+        )
+    return "\n".join(lines)
 
 
 def table(group, entry):
+    if option_kind(group):
+        return option_table(group, entry)
     rows = entry["rows"]
     elements = entry["elements"]
     memcpy = rows.get("memcpy")
@@ -102,11 +196,8 @@ def table(group, entry):
         "forward_backward": rows.get("forward_backward/reference"),
         "forward_backward_in_place": rows.get("forward_backward/reference"),
     }
-    title = shape_title(group)
-    if elements:
-        title += f", {elements:,} elements"
     lines = [
-        f"### {title}",
+        title_line(group, elements),
         "",
         "| function | median | elements/ns | x memcpy | speed-up vs reference |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -142,8 +233,8 @@ def main(argv):
     args = parser.parse_args(argv)
     criterion_dir = args.criterion_dir or default_dir()
     if not criterion_dir.is_dir():
-        print(f"no criterion results in {criterion_dir}: run `cargo bench --bench kernels` first",
-              file=sys.stderr)
+        print(f"no criterion results in {criterion_dir}: run `cargo bench --bench kernels` "
+              "(or `--bench options`) first", file=sys.stderr)
         return 1
     groups = load(criterion_dir)
     if args.group:
@@ -151,7 +242,7 @@ def main(argv):
     if not groups:
         print(f"no benchmark results found under {criterion_dir}", file=sys.stderr)
         return 1
-    ordered = sorted(groups.items(), key=lambda item: (item[1]["elements"] or 0, item[0]))
+    ordered = sorted(groups.items(), key=group_order)
     print("\n\n".join(table(group, entry) for group, entry in ordered))
     return 0
 
