@@ -1652,7 +1652,13 @@ fn write_gradient<V: Vector>(
         .and_then(|r| r.get(row))
         .map_or(1.0, |&r| f64::from(r));
     let scale = job.grad_scale * row_scale * coef.row_weight * f64::from(transform.scale);
-    let a_grad = coef.a + 2.0 * job.z_loss * lse;
+    // Without z-loss the gradient does not wait for the log in `lse`: the loss's log then
+    // overlaps the gradient pass.
+    let a_grad = if job.z_loss > 0.0 {
+        coef.a + 2.0 * job.z_loss * lse
+    } else {
+        coef.a
+    };
     let grad = GradLanes {
         a: V::splat((scale * a_grad / stats.sum_exp) as f32),
         b: V::splat((-scale * coef.d) as f32),

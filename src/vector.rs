@@ -73,9 +73,18 @@ pub(crate) trait Vector: Copy {
             .fold(f32::INFINITY, |m, &x| if x < m { x } else { m })
     }
 
-    /// The sum of the lanes, in f64.
+    /// The sum of the lanes, in f64, as a tree (independent additions, not a serial chain).
     #[inline(always)]
     fn reduce_sum(self) -> f64 {
-        self.to_array().as_ref().iter().map(|&x| f64::from(x)).sum()
+        const { assert!(Self::LANES <= 16, "the tree below adds at most 16 lanes") };
+        let array = self.to_array();
+        let lanes = array.as_ref();
+        let (low, high) = lanes.split_at(lanes.len() / 2);
+        let mut pairs = [0.0_f64; 8];
+        for ((pair, &a), &b) in pairs.iter_mut().zip(low).zip(high) {
+            *pair = f64::from(a) + f64::from(b);
+        }
+        let [a, b, c, d, e, f, g, h] = pairs;
+        ((a + e) + (c + g)) + ((b + f) + (d + h))
     }
 }

@@ -1,10 +1,13 @@
 //! The AVX2+FMA backend: 256-bit registers, fused multiply-add.
 
 use core::arch::x86_64::{
-    __m256, _mm256_add_ps, _mm256_blendv_ps, _mm256_castps_si256, _mm256_castsi256_ps,
-    _mm256_cmp_ps, _mm256_div_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps,
-    _mm256_mul_ps, _mm256_set1_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps, _CMP_EQ_OQ,
-    _CMP_LT_OQ,
+    __m128, __m256, _mm256_add_pd, _mm256_add_ps, _mm256_blendv_ps, _mm256_castpd256_pd128,
+    _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_ps,
+    _mm256_cvtps_pd, _mm256_div_ps, _mm256_extractf128_pd, _mm256_extractf128_ps, _mm256_fmadd_ps,
+    _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_set1_ps,
+    _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps, _mm_add_pd, _mm_add_sd, _mm_cvtsd_f64,
+    _mm_cvtss_f32, _mm_max_ps, _mm_min_ps, _mm_movehl_ps, _mm_shuffle_ps, _mm_unpackhi_pd,
+    _CMP_EQ_OQ, _CMP_LT_OQ,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -120,9 +123,50 @@ impl Vector for Avx2 {
         // SAFETY: see the impl comment (AVX2 detected).
         Avx2(unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_castps_si256(self.0))) })
     }
+    // Horizontal reductions in registers, as trees: once or twice per row each, and a scalar
+    // loop over the lanes was a large part of the cost of a short row.
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe { fold_lanes(self.0, |a, b| _mm_max_ps(a, b)) }
+    }
+    #[inline(always)]
+    fn reduce_min(self) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe { fold_lanes(self.0, |a, b| _mm_min_ps(a, b)) }
+    }
+    #[inline(always)]
+    fn reduce_sum(self) -> f64 {
+        // SAFETY: see the impl comment; the halves are widened to f64 exactly.
+        unsafe {
+            let low = _mm256_cvtps_pd(_mm256_castps256_ps128(self.0));
+            let high = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(self.0));
+            let four = _mm256_add_pd(low, high);
+            let two = _mm_add_pd(
+                _mm256_castpd256_pd128(four),
+                _mm256_extractf128_pd::<1>(four),
+            );
+            _mm_cvtsd_f64(_mm_add_sd(two, _mm_unpackhi_pd(two, two)))
+        }
+    }
 }
 
 row_kernels!(Avx2, "avx2,fma");
+
+/// The eight lanes of `v` combined with `op` as a tree (4 + 4, 2 + 2, 1 + 1).
+///
+/// # Safety
+/// Needs AVX (see the `Vector` impl comment); `op` must be a lane-wise SSE operation.
+#[inline(always)]
+unsafe fn fold_lanes(v: __m256, op: impl Fn(__m128, __m128) -> __m128) -> f32 {
+    // SAFETY: the caller guarantees AVX; the rest is SSE, part of x86_64.
+    unsafe {
+        let four = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let two = op(four, _mm_movehl_ps(four, four));
+        let one = op(two, _mm_shuffle_ps::<0b01>(two, two));
+        _mm_cvtss_f32(one)
+    }
+}
 
 /// The batch kernel compiled for AVX2+FMA.
 ///

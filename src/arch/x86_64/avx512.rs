@@ -1,10 +1,12 @@
 //! The AVX-512F backend: 512-bit registers, mask registers for tails and selects.
 
 use core::arch::x86_64::{
-    __m512, __mmask16, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
-    _mm512_div_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps,
-    _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_set1_ps,
-    _mm512_slli_epi32, _mm512_storeu_ps, _mm512_sub_ps, _CMP_EQ_OQ, _CMP_LT_OQ,
+    __m512, __mmask16, _mm256_castpd_ps, _mm512_add_pd, _mm512_add_ps, _mm512_castps512_ps256,
+    _mm512_castps_pd, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
+    _mm512_cvtps_pd, _mm512_div_ps, _mm512_extractf64x4_pd, _mm512_fmadd_ps, _mm512_loadu_ps,
+    _mm512_mask_blend_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_max_ps,
+    _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_pd, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
+    _mm512_set1_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_sub_ps, _CMP_EQ_OQ, _CMP_LT_OQ,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -128,6 +130,27 @@ impl Vector for Avx512 {
     fn shift_into_exponent(self) -> Self {
         // SAFETY: see the impl comment.
         Avx512(unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_castps_si512(self.0))) })
+    }
+    // Horizontal reductions in registers, as trees: once or twice per row each, and a scalar
+    // loop over 16 lanes was a large part of the cost of a short row.
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm512_reduce_max_ps(self.0) }
+    }
+    #[inline(always)]
+    fn reduce_min(self) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm512_reduce_min_ps(self.0) }
+    }
+    #[inline(always)]
+    fn reduce_sum(self) -> f64 {
+        // SAFETY: see the impl comment; the two halves are widened to f64 exactly.
+        unsafe {
+            let low = _mm512_cvtps_pd(_mm512_castps512_ps256(self.0));
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+            _mm512_reduce_add_pd(_mm512_add_pd(low, _mm512_cvtps_pd(high)))
+        }
     }
 }
 
