@@ -1,4 +1,5 @@
-//! A small, fixed-input smoke test of every entry point, sized to run under Miri.
+//! A small, fixed-input smoke test of every entry point (the vocabulary-piece API included),
+//! sized to run under Miri.
 //!
 //! `.ci/run` runs this file alone with `cargo +nightly miri test --test miri_smoke`, once plainly
 //! (the portable backend on SSE2) and once with `-C target-cpu=x86-64-v4` (the AVX2 backend, and
@@ -13,7 +14,7 @@
 //! Outside Miri (a plain `cargo test`) every backend this CPU has is checked.
 
 use smoothce::reference::{self, GRAD_TOLERANCE, LOSS_TOLERANCE};
-use smoothce::{Backend, CrossEntropy, Extras, Reduction, Smoothing, Targets};
+use smoothce::{Backend, CrossEntropy, Extras, Piece, Reduction, RowState, Smoothing, Targets};
 
 /// The backends to check in this build.
 fn backends() -> Vec<Backend> {
@@ -315,6 +316,104 @@ fn weights_with_mask_and_smoothing() {
             Targets::U32(&[4, 11, 18]),
             WITH_ROWS,
         );
+    }
+}
+
+/// Piece `p` of a row-major `[rows, k]` batch.
+fn cut(batch: &[f32], k: usize, p: Piece) -> Vec<f32> {
+    batch
+        .chunks(k)
+        .flat_map(|row| row[p.offset..p.offset + p.width].iter().copied())
+        .collect()
+}
+
+#[test]
+fn pieces_agree_with_the_unsplit_call() {
+    // K = 37 in three uneven pieces: a tail only, two whole AVX2 vectors, and a vector plus a tail.
+    let (rows, k) = (3, 37);
+    let z = logits(rows, k);
+    let targets: [u32; 3] = [2, 20, 36]; // one target in each piece
+    let pieces = [
+        Piece {
+            offset: 0,
+            width: 5,
+        },
+        Piece {
+            offset: 5,
+            width: 16,
+        },
+        Piece {
+            offset: 21,
+            width: 16,
+        },
+    ];
+    for backend in backends() {
+        for (smoothing, reduction, scale) in [
+            (Smoothing::Uniform(0.1), Reduction::Mean, 1.0 / rows as f64),
+            (Smoothing::OffTarget(0.2), Reduction::None, 1.0),
+        ] {
+            let ce = CrossEntropy::new(k)
+                .smoothing(smoothing)
+                .reduction(reduction)
+                .backend(backend);
+            let what = format!("pieces {backend:?} {smoothing:?} {reduction:?}");
+            let mut want_losses = vec![0.0_f32; rows];
+            let mut want_grad = vec![0.0_f32; rows * k];
+            let want = ce
+                .forward_backward(&z, &targets, &mut want_losses, &mut want_grad)
+                .expect("forward_backward");
+
+            let per_piece: Vec<Vec<RowState>> = pieces
+                .iter()
+                .map(|&p| {
+                    let mut states = vec![RowState::EMPTY; rows];
+                    ce.piece_states(&cut(&z, k, p), p, &targets, &mut states)
+                        .expect("piece_states");
+                    states
+                })
+                .collect();
+            // Row r merges its pieces starting from piece r, the first pair through the words.
+            let merged: Vec<RowState> = (0..rows)
+                .map(|r| {
+                    let [a, b, c] = [0, 1, 2].map(|i| per_piece[(i + r) % 3][r]);
+                    let sent = a.merge(b).to_words();
+                    assert_eq!(
+                        RowState::from_words(sent).to_words().map(f64::to_bits),
+                        sent.map(f64::to_bits)
+                    );
+                    c.merge(RowState::from_words(sent))
+                })
+                .collect();
+            let mut losses = vec![0.0_f32; rows];
+            let split = ce
+                .finish_states(&merged, &targets, &mut losses, Extras::default())
+                .expect("finish_states");
+            assert_agree(
+                &format!("{what} finish_states"),
+                (split.loss, &losses, &[]),
+                (want, &want_losses, &[]),
+                scale,
+            );
+
+            for p in pieces {
+                let piece_z = cut(&z, k, p);
+                let mut grad = vec![0.0_f32; piece_z.len()];
+                ce.piece_backward(&piece_z, p, &targets, &merged, &mut grad)
+                    .expect("piece_backward");
+                assert_agree(
+                    &format!("{what} piece_backward {p:?}"),
+                    (split.loss, &losses, &grad),
+                    (want, &want_losses, &cut(&want_grad, k, p)),
+                    scale,
+                );
+                let mut in_place = piece_z;
+                ce.piece_backward_in_place(&mut in_place, p, &targets, &merged)
+                    .expect("piece_backward_in_place");
+                for (i, (&a, &b)) in in_place.iter().zip(&grad).enumerate() {
+                    assert!(same(a, b), "{what} {p:?}: in-place grad[{i}] {a} vs {b}");
+                }
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! For a few fixed batches it computes losses and gradients with every `CrossEntropy` entry point
-//! and with `smoothce::reference`, compares them with `reference::agrees` at the crate's documented
+//! (and once with the rows split into vocabulary pieces) and with `smoothce::reference`, compares them with `reference::agrees` at the crate's documented
 //! tolerances, prints one line per case and a final `N passed, N failed` line over semihosting,
 //! and exits through semihosting with success only when every comparison agreed.
 
@@ -18,7 +18,7 @@ use core::panic::PanicInfo;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};
 use smoothce::reference::{self, GRAD_TOLERANCE, LOSS_TOLERANCE};
-use smoothce::{Backend, CrossEntropy, Reduction, Smoothing};
+use smoothce::{Backend, CrossEntropy, Extras, Piece, Reduction, RowState, Smoothing};
 
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
@@ -188,6 +188,77 @@ fn check(case: &Case) -> Result<bool, smoothce::Error> {
     Ok(ok)
 }
 
+/// Name of the piece case.
+const PIECES_CASE: &str = "K=40 uniform(0.1) mean in 3 pieces";
+
+/// The rows of `WIDE` in three uneven pieces (the targets in different pieces): states per piece,
+/// merged in a different order per row (one pair through its words), finished, and each piece's
+/// gradient, in place too, against the reference on the unsplit rows.
+fn check_pieces() -> Result<bool, smoothce::Error> {
+    const K: usize = 40;
+    const ROWS: usize = 3;
+    const PIECES: [Piece; 3] = [
+        Piece {
+            offset: 0,
+            width: 7,
+        },
+        Piece {
+            offset: 7,
+            width: 16,
+        },
+        Piece {
+            offset: 23,
+            width: 17,
+        },
+    ];
+    let targets: &[u32] = &[3, 39, 17];
+    let ce = CrossEntropy::new(K)
+        .smoothing(Smoothing::Uniform(0.1))
+        .backend(Backend::Auto);
+    let logits = &WIDE[..ROWS * K];
+    let mut want_losses = [0.0_f32; ROWS];
+    let mut want_grad = [0.0_f32; ROWS * K];
+    let want = reference::forward_backward(&ce, logits, targets, &mut want_losses, &mut want_grad)?;
+
+    // Piece `p` of a `[ROWS, K]` batch into `out[..ROWS * p.width]`.
+    let cut = |batch: &[f32], p: Piece, out: &mut [f32; MAX]| {
+        for (row, dst) in batch.chunks(K).zip(out.chunks_mut(p.width)) {
+            dst.copy_from_slice(&row[p.offset..p.offset + p.width]);
+        }
+    };
+    let mut per_piece = [[RowState::EMPTY; ROWS]; 3];
+    let mut buf = [0.0_f32; MAX];
+    for (p, states) in PIECES.iter().zip(&mut per_piece) {
+        cut(logits, *p, &mut buf);
+        ce.piece_states(&buf[..ROWS * p.width], *p, targets, states)?;
+    }
+    let mut merged = [RowState::EMPTY; ROWS];
+    for (row, m) in merged.iter_mut().enumerate() {
+        let [a, b, c] = [0, 1, 2].map(|i| per_piece[(i + row) % 3][row]);
+        *m = c.merge(RowState::from_words(a.merge(b).to_words()));
+    }
+    let mut losses = [0.0_f32; ROWS];
+    let split = ce.finish_states(&merged, targets, &mut losses, Extras::default())?;
+    let mut ok = agree_losses(split.loss, &losses, want, &want_losses);
+
+    let scale = 1.0 / ROWS as f64;
+    let mut grad = [0.0_f32; MAX];
+    let mut want_piece = [0.0_f32; MAX];
+    for p in PIECES {
+        let n = ROWS * p.width;
+        cut(logits, p, &mut buf);
+        cut(&want_grad, p, &mut want_piece);
+        ce.piece_backward(&buf[..n], p, targets, &merged, &mut grad[..n])?;
+        ok &= agree_grad(&grad[..n], &want_piece[..n], scale);
+        ce.piece_backward_in_place(&mut buf[..n], p, targets, &merged)?;
+        ok &= buf[..n]
+            .iter()
+            .zip(&grad[..n])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+    }
+    Ok(ok)
+}
+
 fn agree_losses(got: f32, losses: &[f32], want: f32, want_losses: &[f32]) -> bool {
     reference::agrees(got, f64::from(want), 2.0 * LOSS_TOLERANCE)
         && losses
@@ -209,19 +280,23 @@ fn main() -> ! {
         Backend::Auto.resolve()
     );
     let (mut passed, mut failed) = (0_u32, 0_u32);
-    for case in &cases() {
-        match check(case) {
+    let results = cases()
+        .into_iter()
+        .map(|case| (case.name, check(&case)))
+        .chain(core::iter::once_with(|| (PIECES_CASE, check_pieces())));
+    for (name, result) in results {
+        match result {
             Ok(true) => {
                 passed += 1;
-                hprintln!("ok   {}", case.name);
+                hprintln!("ok   {}", name);
             }
             Ok(false) => {
                 failed += 1;
-                hprintln!("FAIL {}: kernel and reference disagree", case.name);
+                hprintln!("FAIL {}: kernel and reference disagree", name);
             }
             Err(e) => {
                 failed += 1;
-                hprintln!("FAIL {}: {}", case.name, e);
+                hprintln!("FAIL {}: {}", name, e);
             }
         }
     }

@@ -4,13 +4,15 @@
 //! arguments straight through. `no_panic` makes the build fail at link time (an undefined symbol
 //! naming the wrapper) unless the optimiser proved that the wrapped call cannot panic or unwind.
 //! `main` calls every wrapper with configurations, target types and extras that are only known at
-//! run time, and checks the kernels against the reference, so the binary is a smoke test too.
+//! run time, and checks the kernels against the reference (and rows split into vocabulary pieces
+//! against the unsplit kernel), so the binary is a smoke test too.
 
 use core::hint::black_box;
 
 use no_panic::no_panic;
 use smoothce::{
-    reference, Backend, CrossEntropy, Error, Extras, Reduction, Smoothing, Summary, Targets,
+    reference, Backend, CrossEntropy, Error, Extras, Piece, Reduction, RowState, Smoothing,
+    Summary, Targets,
 };
 
 #[no_panic]
@@ -71,6 +73,71 @@ fn forward_backward_in_place_with(
     extras: Extras<'_>,
 ) -> Result<Summary, Error> {
     ce.forward_backward_in_place_with(z, t, losses, extras)
+}
+
+#[no_panic]
+fn piece_states(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    piece: Piece,
+    t: Targets<'_>,
+    states: &mut [RowState],
+) -> Result<(), Error> {
+    ce.piece_states(z, piece, t, states)
+}
+
+#[no_panic]
+fn finish_states(
+    ce: &CrossEntropy<'_>,
+    states: &[RowState],
+    t: Targets<'_>,
+    losses: &mut [f32],
+    extras: Extras<'_>,
+) -> Result<Summary, Error> {
+    ce.finish_states(states, t, losses, extras)
+}
+
+#[no_panic]
+fn piece_backward(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    piece: Piece,
+    t: Targets<'_>,
+    states: &[RowState],
+    grad: &mut [f32],
+) -> Result<(), Error> {
+    ce.piece_backward(z, piece, t, states, grad)
+}
+
+#[no_panic]
+fn piece_backward_in_place(
+    ce: &CrossEntropy<'_>,
+    z: &mut [f32],
+    piece: Piece,
+    t: Targets<'_>,
+    states: &[RowState],
+) -> Result<(), Error> {
+    ce.piece_backward_in_place(z, piece, t, states)
+}
+
+#[no_panic]
+fn merge(a: RowState, b: RowState) -> RowState {
+    a.merge(b)
+}
+
+#[no_panic]
+fn to_words(state: &RowState) -> [f64; 8] {
+    state.to_words()
+}
+
+#[no_panic]
+fn from_words(words: [f64; 8]) -> RowState {
+    RowState::from_words(words)
+}
+
+#[no_panic]
+fn lse(state: &RowState) -> f64 {
+    state.lse()
 }
 
 #[no_panic]
@@ -249,7 +316,117 @@ fn check(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) -> bool {
     )
     .expect("forward_backward_in_place_with");
     ok &= agrees(f.loss, f64::from(rf.loss), 1e-5) && agrees(ip.loss, f64::from(r.loss), 1e-5);
+    ok &= check_pieces(ce, logits, Targets::I64(&wide), row_scales);
     ok && target_rows(Targets::I64(&wide), K) == Some(ROWS)
+}
+
+/// Three uneven pieces of the `K` classes: a tail-only one, one of whole vectors and the rest.
+const PIECES: [Piece; 3] = [
+    Piece {
+        offset: 0,
+        width: 5,
+    },
+    Piece {
+        offset: 5,
+        width: 16,
+    },
+    Piece {
+        offset: 21,
+        width: K - 21,
+    },
+];
+
+/// Piece `p` of a row-major `[ROWS, K]` batch.
+fn cut(batch: &[f32], p: Piece) -> Vec<f32> {
+    batch
+        .chunks(K)
+        .flat_map(|row| row[p.offset..p.offset + p.width].iter().copied())
+        .collect()
+}
+
+/// The rows split into [`PIECES`]: states per piece, merged (two of them through their words) in
+/// a different order per row, finished and differentiated piece by piece, against the unsplit
+/// kernel. `row_scales` go to `finish_states` only (they scale gradients, which it does not
+/// compute; the piece gradients take none), so the unsplit gradient is computed without them.
+fn check_pieces(
+    ce: &CrossEntropy<'_>,
+    logits: &[f32],
+    t: Targets<'_>,
+    row_scales: Option<&[f32]>,
+) -> bool {
+    let (mut losses, mut lse_out, mut zl, mut correct) = (
+        vec![0.0_f32; ROWS],
+        vec![0.0_f32; ROWS],
+        vec![0.0_f32; ROWS],
+        vec![false; ROWS],
+    );
+    let mut grad = vec![0.0_f32; ROWS * K];
+    let whole = forward_backward_with(
+        ce,
+        logits,
+        t,
+        &mut losses,
+        &mut grad,
+        Extras {
+            lse: Some(&mut lse_out),
+            z_loss: Some(&mut zl),
+            correct: Some(&mut correct),
+            row_scales: None,
+        },
+    )
+    .expect("forward_backward_with (unsplit)");
+
+    let mut per_piece = [[RowState::EMPTY; ROWS]; 3];
+    for (p, states) in PIECES.iter().zip(&mut per_piece) {
+        piece_states(ce, &cut(logits, *p), *p, t, states).expect("piece_states");
+    }
+    let merged: Vec<RowState> = (0..ROWS)
+        .map(|row| {
+            let [a, b, c] = [0, 1, 2].map(|i| per_piece[(i + row) % 3][row]);
+            let sent = from_words(to_words(&merge(a, b)));
+            merge(c, sent)
+        })
+        .collect();
+    let (mut split_losses, mut split_lse, mut split_zl, mut split_correct) = (
+        vec![0.0_f32; ROWS],
+        vec![0.0_f32; ROWS],
+        vec![0.0_f32; ROWS],
+        vec![false; ROWS],
+    );
+    let split = finish_states(
+        ce,
+        &merged,
+        t,
+        &mut split_losses,
+        Extras {
+            lse: Some(&mut split_lse),
+            z_loss: Some(&mut split_zl),
+            correct: Some(&mut split_correct),
+            row_scales,
+        },
+    )
+    .expect("finish_states");
+    let mut ok = agrees(split.loss, f64::from(whole.loss), 1e-5)
+        && agrees(split.z_loss, f64::from(whole.z_loss), 1e-5)
+        && agree_all(&split_losses, &losses)
+        && agree_all(&split_lse, &lse_out)
+        && agree_all(&split_zl, &zl)
+        && split_correct == correct
+        && split.correct == whole.correct
+        && split.rows == whole.rows
+        && merged
+            .iter()
+            .zip(&lse_out)
+            .all(|(s, &l)| agrees(l, lse(s), 1e-5));
+    for p in PIECES {
+        let z = cut(logits, p);
+        let mut piece_grad = vec![0.0_f32; z.len()];
+        piece_backward(ce, &z, p, t, &merged, &mut piece_grad).expect("piece_backward");
+        let mut in_place = z;
+        piece_backward_in_place(ce, &mut in_place, p, t, &merged).expect("piece_backward_in_place");
+        ok &= agree_all(&piece_grad, &cut(&grad, p)) && piece_grad == in_place;
+    }
+    ok
 }
 
 fn main() {
@@ -296,12 +473,12 @@ fn main() {
                     let ce = black_box(ce);
                     assert!(
                         check(&ce, &logits, &targets),
-                        "{backend:?} {smoothing:?} {reduction:?} options {options}: disagrees with the reference"
+                        "{backend:?} {smoothing:?} {reduction:?} options {options}: disagrees with the reference (or, in pieces, with the unsplit kernel)"
                     );
                     checked += 1;
                 }
             }
         }
     }
-    println!("no-panic host check: every wrapper linked; {checked} configurations agreed with the reference");
+    println!("no-panic host check: every wrapper linked; {checked} configurations agreed with the reference, and in 3 pieces with the unsplit kernel");
 }

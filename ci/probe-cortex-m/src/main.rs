@@ -1,7 +1,8 @@
 //! Panic-freedom probe for `smoothce` on a microcontroller target (thumbv7em-none-eabihf).
 //!
 //! `main` calls every public compute function of the crate (the six `CrossEntropy` entry points,
-//! the `reference` functions and the small helpers) on inputs hidden from the optimiser by
+//! the vocabulary-piece API with `RowState`'s methods, the `reference` functions and the small
+//! helpers) on inputs hidden from the optimiser by
 //! `core::hint::black_box`: the configuration, every option, the target type, the extras and the
 //! slices are all opaque, so no code path can be constant-folded away. The `#[panic_handler]`
 //! calls an `extern "C"` function that is declared but defined nowhere: if any panic is reachable
@@ -15,7 +16,9 @@ use core::hint::black_box;
 use core::panic::PanicInfo;
 
 use cortex_m_rt::entry;
-use smoothce::{reference, Backend, CrossEntropy, Extras, Reduction, Smoothing, Targets};
+use smoothce::{
+    reference, Backend, CrossEntropy, Extras, Piece, Reduction, RowState, Smoothing, Targets,
+};
 
 extern "C" {
     /// Deliberately never defined: referencing it makes the link fail.
@@ -190,6 +193,46 @@ fn main() -> ! {
             extras!(),
         )
         .ok(),
+    );
+
+    // The vocabulary-piece API: an opaque piece of opaque rows, states merged and sent through
+    // their words, then finished and differentiated.
+    let piece = Piece {
+        offset: black_box(2),
+        width: black_box(4),
+    };
+    let mut states = [RowState::EMPTY; ROWS];
+    let mut other = [RowState::EMPTY; ROWS];
+    let z: &[f32] = black_box(&logits[..]);
+    black_box(
+        ce.piece_states(z, piece, t(), black_box(&mut states[..]))
+            .ok(),
+    );
+    black_box(
+        ce.piece_states(z, piece, t32, black_box(&mut other[..]))
+            .ok(),
+    );
+    for (s, o) in states.iter_mut().zip(&other) {
+        let words = black_box(s.merge(black_box(*o)).to_words());
+        *s = RowState::from_words(words);
+        black_box(s.lse());
+    }
+    let merged: &[RowState] = black_box(&states[..]);
+    black_box(
+        ce.finish_states(merged, t(), black_box(&mut losses[..]), extras!())
+            .ok(),
+    );
+    black_box(
+        ce.finish_states(merged, t32, black_box(&mut losses[..]), Extras::default())
+            .ok(),
+    );
+    black_box(
+        ce.piece_backward(z, piece, t(), merged, black_box(&mut grad[..]))
+            .ok(),
+    );
+    black_box(
+        ce.piece_backward_in_place(black_box(&mut logits[..]), piece, t(), merged)
+            .ok(),
     );
 
     // The reference.
