@@ -43,6 +43,11 @@ pub(crate) const BLOCK: usize = 4096;
 /// way) keeps the sums within about 1e-6 relative.
 const FLUSH_VECTORS: u32 = 64;
 
+/// Rows (or pieces) of at least this many elements store their gradient with non-temporal
+/// stores where the backend has them (AVX2, AVX-512): 16 MiB, beyond the caches of the machines
+/// this was measured on (see BENCHMARKS.md).
+const STREAM_MIN: usize = 1 << 22;
+
 /// Rows longer than this use the recompute strategy for forward+backward.
 pub(crate) const RELOAD_MAX: usize = 1 << 18;
 
@@ -549,12 +554,13 @@ impl Io<'_> {
         }
     }
 
-    /// Applies `op` to the source, storing into the destination.
+    /// Applies `op` to the source, storing into the destination (with non-temporal stores if
+    /// `stream`).
     #[inline(always)]
-    fn map<V: Vector, O: Op<V>>(&mut self, tail_fill: f32, op: &mut O) {
+    fn map<V: Vector, O: Op<V>>(&mut self, tail_fill: f32, op: &mut O, stream: bool) {
         match self {
-            Io::Separate(z, g) => map_into(z, g, tail_fill, op),
-            Io::InPlace(z) => map_in_place(z, tail_fill, op),
+            Io::Separate(z, g) => map_into(z, g, tail_fill, op, stream),
+            Io::InPlace(z) => map_in_place(z, tail_fill, op, stream),
         }
     }
 
@@ -566,7 +572,7 @@ impl Io<'_> {
             Io::Separate(_, g) => g,
             Io::InPlace(z) => z,
         };
-        map_in_place(out, tail_fill, op);
+        map_in_place(out, tail_fill, op, false);
     }
 
     fn set_out(&mut self, index: usize, value: f32) {
@@ -622,13 +628,55 @@ fn fold<V: Vector, O: Op<V>>(src: &[f32], tail_fill: f32, op: &mut O) {
     }
 }
 
-/// `op` over `src`, results stored into `dst` (same length).
+/// With `stream`, the number of leading elements of `dst` to store before the first address
+/// aligned for [`Vector::stream`] (fewer than a vector); else 0.
 #[inline(always)]
-fn map_into<V: Vector, O: Op<V>>(src: &[f32], dst: &mut [f32], tail_fill: f32, op: &mut O) {
-    let mut offset = 0;
+fn stream_head<V: Vector>(dst: &[f32], stream: bool) -> usize {
+    if !stream {
+        return 0;
+    }
+    let head = dst.as_ptr().align_offset(V::STREAM_ALIGN);
+    if head < V::LANES && head <= dst.len() {
+        head
+    } else {
+        0
+    }
+}
+
+/// Stores a whole vector, non-temporally if `stream`.
+#[inline(always)]
+fn put<V: Vector>(v: V, a: &mut V::Array, stream: bool) {
+    if stream {
+        v.stream(a);
+    } else {
+        v.store(a);
+    }
+}
+
+/// `op` over `src`, results stored into `dst` (same length); with `stream`, the first few
+/// elements go through the tail path so that the whole vectors are aligned for non-temporal
+/// stores.
+#[inline(always)]
+fn map_into<V: Vector, O: Op<V>>(
+    src: &[f32],
+    dst: &mut [f32],
+    tail_fill: f32,
+    op: &mut O,
+    stream: bool,
+) {
+    let head = stream_head::<V>(dst, stream);
+    let (Some((src_head, mut src)), Some((dst_head, mut dst))) =
+        (src.split_at_checked(head), dst.split_at_mut_checked(head))
+    else {
+        return;
+    };
+    if !src_head.is_empty() {
+        op.apply_tail(0, V::load_tail(src_head, tail_fill))
+            .store_tail(dst_head);
+    }
+    let mut offset = head;
     // Blocks split off by hand: zipped `chunks` would call `Zip::new`, which divides by the chunk
     // size out of line, a panic path the host `no_panic` check finds.
-    let (mut src, mut dst) = (src, dst);
     loop {
         let n = src.len().min(BLOCK);
         let (Some((block, src_rest)), Some((out, dst_rest))) = (
@@ -646,14 +694,14 @@ fn map_into<V: Vector, O: Op<V>>(src: &[f32], dst: &mut [f32], tail_fill: f32, o
         let (quads, rest) = arrays.as_chunks::<4>();
         let (out_quads, out_rest) = out_arrays.as_chunks_mut::<4>();
         for ([a, b, c, d], [oa, ob, oc, od]) in quads.iter().zip(out_quads) {
-            op.apply(0, offset, V::load(a)).store(oa);
-            op.apply(1, offset + V::LANES, V::load(b)).store(ob);
-            op.apply(2, offset + 2 * V::LANES, V::load(c)).store(oc);
-            op.apply(3, offset + 3 * V::LANES, V::load(d)).store(od);
+            put(op.apply(0, offset, V::load(a)), oa, stream);
+            put(op.apply(1, offset + V::LANES, V::load(b)), ob, stream);
+            put(op.apply(2, offset + 2 * V::LANES, V::load(c)), oc, stream);
+            put(op.apply(3, offset + 3 * V::LANES, V::load(d)), od, stream);
             offset += 4 * V::LANES;
         }
         for (a, o) in rest.iter().zip(out_rest) {
-            op.apply(0, offset, V::load(a)).store(o);
+            put(op.apply(0, offset, V::load(a)), o, stream);
             offset += V::LANES;
         }
         if !tail.is_empty() {
@@ -667,20 +715,28 @@ fn map_into<V: Vector, O: Op<V>>(src: &[f32], dst: &mut [f32], tail_fill: f32, o
 
 /// `op` over `buf`, results stored back in place.
 #[inline(always)]
-fn map_in_place<V: Vector, O: Op<V>>(buf: &mut [f32], tail_fill: f32, op: &mut O) {
-    let mut offset = 0;
+fn map_in_place<V: Vector, O: Op<V>>(buf: &mut [f32], tail_fill: f32, op: &mut O, stream: bool) {
+    let head = stream_head::<V>(buf, stream);
+    let Some((first, buf)) = buf.split_at_mut_checked(head) else {
+        return;
+    };
+    if !first.is_empty() {
+        op.apply_tail(0, V::load_tail(first, tail_fill))
+            .store_tail(first);
+    }
+    let mut offset = head;
     for block in buf.chunks_mut(BLOCK) {
         let (arrays, tail) = V::split_mut(block);
         let (quads, rest) = arrays.as_chunks_mut::<4>();
         for [a, b, c, d] in quads {
-            op.apply(0, offset, V::load(a)).store(a);
-            op.apply(1, offset + V::LANES, V::load(b)).store(b);
-            op.apply(2, offset + 2 * V::LANES, V::load(c)).store(c);
-            op.apply(3, offset + 3 * V::LANES, V::load(d)).store(d);
+            put(op.apply(0, offset, V::load(a)), a, stream);
+            put(op.apply(1, offset + V::LANES, V::load(b)), b, stream);
+            put(op.apply(2, offset + 2 * V::LANES, V::load(c)), c, stream);
+            put(op.apply(3, offset + 3 * V::LANES, V::load(d)), d, stream);
             offset += 4 * V::LANES;
         }
         for a in rest {
-            op.apply(0, offset, V::load(a)).store(a);
+            put(op.apply(0, offset, V::load(a)), a, stream);
             offset += V::LANES;
         }
         if !tail.is_empty() {
@@ -1315,13 +1371,14 @@ impl Coefficients {
     fn loss(
         &self,
         stats: &Stats,
+        log_sum: f64,
         target_t: f64,
         target_shift: Option<f64>,
         rest: Option<f64>,
     ) -> f64 {
         let mut loss = 0.0;
         if self.a != 0.0 {
-            loss += self.a * libm::log(stats.sum_exp);
+            loss += self.a * log_sum;
         }
         // With an allowed class target and no auxiliary row, the target's own share of the
         // shifted sum is moved to its term: `B (m - t_y) - D S` becomes
@@ -1381,7 +1438,9 @@ fn finish_row(
         RowTarget::Soft(_) => (f64::NAN, true),
     };
     let coefficients = Coefficients::new(job, stats, target, target_allowed);
-    let lse = f64::from(stats.max) + libm::log(stats.sum_exp);
+    // One log per row, shared by the loss and the log-sum-exp.
+    let log_sum = libm::log(stats.sum_exp);
+    let lse = f64::from(stats.max) + log_sum;
     let z_loss = if job.z_loss > 0.0 {
         job.z_loss * lse * lse
     } else {
@@ -1405,8 +1464,9 @@ fn finish_row(
         }
         _ => None,
     };
-    let loss =
-        coefficients.row_weight * coefficients.loss(stats, target_t, target_shift, rest) + z_loss;
+    let loss = coefficients.row_weight
+        * coefficients.loss(stats, log_sum, target_t, target_shift, rest)
+        + z_loss;
     let correct = match target {
         RowTarget::Class(_) => target_allowed && target_t as f32 == stats.max,
         RowTarget::Soft(_) => soft_correct,
@@ -1677,10 +1737,16 @@ fn write_gradient<V: Vector>(
         let lanes = Lanes::new(stats.max, transform, aux, mask);
         let careful = masked || mask.is_some();
         let ninf = f32::NEG_INFINITY;
+        // Rows far beyond the caches: non-temporal stores skip the read for ownership of the
+        // gradient's lines (and do not evict the logits still to be read).
+        let stream = io.src().len() >= STREAM_MIN;
         if careful {
-            io.map(ninf, &mut Recompute::<V, true> { lanes, grad });
+            io.map(ninf, &mut Recompute::<V, true> { lanes, grad }, stream);
         } else {
-            io.map(ninf, &mut Recompute::<V, false> { lanes, grad });
+            io.map(ninf, &mut Recompute::<V, false> { lanes, grad }, stream);
+        }
+        if stream {
+            V::stream_fence();
         }
     }
     // The target's gradient, in f64 from the logit itself: A' p_y - B - [allowed](C v_y + D).
@@ -1717,6 +1783,6 @@ fn write_gradient<V: Vector>(
 #[inline(always)]
 fn sums_map<V: Vector, const CAREFUL: bool>(io: &mut Io<'_>, m: f32, lanes: Lanes<'_, V>) -> Stats {
     let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
-    io.map(f32::NEG_INFINITY, &mut op);
+    io.map(f32::NEG_INFINITY, &mut op, false);
     op.stats()
 }

@@ -29,6 +29,19 @@ pub(crate) trait Vector: Copy {
     fn store_tail(self, tail: &mut [f32]);
     /// All lanes `x`.
     fn splat(x: f32) -> Self;
+
+    /// The alignment, in bytes, that [`Vector::stream`] needs to bypass the caches (4, an f32's:
+    /// the backend has no such store).
+    const STREAM_ALIGN: usize = 4;
+    /// Stores a whole vector with a non-temporal store (no read for ownership, no cache
+    /// pollution) if the backend has one and `a` is aligned for it; a plain store otherwise.
+    #[inline(always)]
+    fn stream(self, a: &mut Self::Array) {
+        self.store(a);
+    }
+    /// Orders the non-temporal stores made so far before any later store (`sfence`).
+    #[inline(always)]
+    fn stream_fence() {}
     /// The lanes as an array.
     fn to_array(self) -> Self::Array;
 

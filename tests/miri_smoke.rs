@@ -293,11 +293,9 @@ fn with_entry_points_agree_with_the_reference() {
     }
 }
 
-/// Found by this test at commit 90d886c: with class weights, a class mask and smoothing together,
-/// every kernel backend returns a loss of `+inf` where the reference gives a finite one (the
-/// gradients agree). Un-ignore once the kernel is fixed.
+/// Found by this test at commit 90d886c (class weights, a class mask and smoothing together gave
+/// a loss of `+inf` on every backend where the reference is finite); passes since.
 #[test]
-
 fn weights_with_mask_and_smoothing() {
     let z = logits(WITH_ROWS, WITH_K);
     let weights = class_weights();

@@ -5,9 +5,9 @@ use core::arch::x86_64::{
     _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_ps,
     _mm256_cvtps_pd, _mm256_div_ps, _mm256_extractf128_pd, _mm256_extractf128_ps, _mm256_fmadd_ps,
     _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_set1_ps,
-    _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps, _mm_add_pd, _mm_add_sd, _mm_cvtsd_f64,
-    _mm_cvtss_f32, _mm_max_ps, _mm_min_ps, _mm_movehl_ps, _mm_shuffle_ps, _mm_unpackhi_pd,
-    _CMP_EQ_OQ, _CMP_LT_OQ,
+    _mm256_slli_epi32, _mm256_storeu_ps, _mm256_stream_ps, _mm256_sub_ps, _mm_add_pd, _mm_add_sd,
+    _mm_cvtsd_f64, _mm_cvtss_f32, _mm_max_ps, _mm_min_ps, _mm_movehl_ps, _mm_sfence,
+    _mm_shuffle_ps, _mm_unpackhi_pd, _CMP_EQ_OQ, _CMP_LT_OQ,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -61,6 +61,23 @@ impl Vector for Avx2 {
         for (x, lane) in tail.iter_mut().zip(self.to_array()) {
             *x = lane;
         }
+    }
+    const STREAM_ALIGN: usize = 32;
+    #[inline(always)]
+    fn stream(self, a: &mut [f32; 8]) {
+        let p = a.as_mut_ptr();
+        if p.addr().is_multiple_of(Self::STREAM_ALIGN) {
+            // SAFETY: see the impl comment; `p` is 32-byte aligned (checked just above), as the
+            // non-temporal store requires.
+            unsafe { _mm256_stream_ps(p, self.0) }
+        } else {
+            self.store(a);
+        }
+    }
+    #[inline(always)]
+    fn stream_fence() {
+        // SAFETY: `sfence` is part of SSE, which every x86_64 CPU has.
+        unsafe { _mm_sfence() }
     }
     #[inline(always)]
     fn splat(x: f32) -> Self {

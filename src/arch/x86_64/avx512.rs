@@ -6,7 +6,8 @@ use core::arch::x86_64::{
     _mm512_cvtps_pd, _mm512_div_ps, _mm512_extractf64x4_pd, _mm512_fmadd_ps, _mm512_loadu_ps,
     _mm512_mask_blend_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_max_ps,
     _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_pd, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
-    _mm512_set1_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_sub_ps, _CMP_EQ_OQ, _CMP_LT_OQ,
+    _mm512_set1_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps, _mm512_sub_ps,
+    _mm_sfence, _CMP_EQ_OQ, _CMP_LT_OQ,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -65,6 +66,23 @@ impl Vector for Avx512 {
     fn store_tail(self, tail: &mut [f32]) {
         // SAFETY: see the impl comment; only the low `tail.len()` lanes are written.
         unsafe { _mm512_mask_storeu_ps(tail.as_mut_ptr(), low_lanes(tail.len()), self.0) }
+    }
+    const STREAM_ALIGN: usize = 64;
+    #[inline(always)]
+    fn stream(self, a: &mut [f32; 16]) {
+        let p = a.as_mut_ptr();
+        if p.addr().is_multiple_of(Self::STREAM_ALIGN) {
+            // SAFETY: see the impl comment; `p` is 64-byte aligned (checked just above), as the
+            // non-temporal store requires.
+            unsafe { _mm512_stream_ps(p, self.0) }
+        } else {
+            self.store(a);
+        }
+    }
+    #[inline(always)]
+    fn stream_fence() {
+        // SAFETY: `sfence` is part of SSE, which every x86_64 CPU has.
+        unsafe { _mm_sfence() }
     }
     #[inline(always)]
     fn splat(x: f32) -> Self {
