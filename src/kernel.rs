@@ -10,8 +10,9 @@
 //!   per element.
 //! * **Recompute** (longer rows, soft-capped rows, and every forward-only call): statistics are
 //!   gathered block by block (max of the block, then its sums while it is in L1) and merged
-//!   exactly; the gradient pass recomputes `exp(t - m)`. Two exps per element, but the row is read
-//!   from memory twice and written once instead of read three times and written twice.
+//!   exactly; the gradient pass recomputes `exp(t - m)`, and stores it non-temporally on rows of
+//!   more than [`RELOAD_MAX`] elements. Two exps per element, but the row is read from memory
+//!   twice and written once instead of read three times and written twice.
 //!
 //! Every loss option reduces to four per-row coefficients (see [`Coefficients`]):
 //! `loss = A ln s + B (m - t_y) - C sum v (t - m) - D sum (t - m)` and
@@ -44,12 +45,19 @@ pub(crate) const BLOCK: usize = 4096;
 const FLUSH_VECTORS: u32 = 64;
 
 /// Rows (or pieces) of at least this many elements store their gradient with non-temporal
-/// stores where the backend has them (AVX2, AVX-512): 16 MiB, beyond the caches of the machines
-/// this was measured on (see BENCHMARKS.md).
-const STREAM_MIN: usize = 1 << 22;
+/// stores where the backend has them (AVX2, AVX-512), skipping the read for ownership of every
+/// gradient line: the rows of the recompute strategy, beyond 16 MiB. Measured (BENCHMARKS.md):
+/// a 2^24-element row takes 15 ms with them and 20 ms without on AVX-512 (26 and 28 ms on AVX2);
+/// below 2^22 elements they gain at most a few percent, and would evict a gradient that the
+/// caller's next step could still find in the cache.
+const STREAM_MIN: usize = RELOAD_MAX + 1;
 
-/// Rows longer than this use the recompute strategy for forward+backward.
-pub(crate) const RELOAD_MAX: usize = 1 << 18;
+/// Rows longer than this use the recompute strategy for forward+backward. Measured on this
+/// crate's reference machine (BENCHMARKS.md, "Strategy switch"): the reload strategy is faster
+/// up to 2^22 elements on AVX2 (it needs one exp per element where recomputing needs two, and
+/// AVX2 is compute-bound) and ties with recompute on AVX-512 from 2^20 to 2^22; at 2^23 and 2^24
+/// recompute with non-temporal stores wins on both.
+pub(crate) const RELOAD_MAX: usize = 1 << 22;
 
 /// Row ranges `max t - min t` above this take the careful variant (the fast variant's f32
 /// accumulators could overflow past it: at most 128 elements land in one accumulator lane per

@@ -687,14 +687,12 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<Summary, Error> {
         let targets = targets.into();
         let plan = self.plan(logits.len(), None, targets, losses.len(), None, &extras)?;
-        let kernel = arch::select(self.backend)?;
-        let totals = kernel.run(
-            &plan.job,
+        self.execute(
+            &plan,
             targets,
             Buffers::Forward { logits },
             outputs(losses, extras),
-        );
-        Ok(plan.summary(totals))
+        )
     }
 
     /// [`forward_backward`](Self::forward_backward) with any [`Targets`] and the [`Extras`].
@@ -731,14 +729,12 @@ impl<'a> CrossEntropy<'a> {
             Some(grad.len()),
             &extras,
         )?;
-        let kernel = arch::select(self.backend)?;
-        let totals = kernel.run(
-            &plan.job,
+        self.execute(
+            &plan,
             targets,
             Buffers::Separate { logits, grad },
             outputs(losses, extras),
-        );
-        Ok(plan.summary(totals))
+        )
     }
 
     /// [`forward_backward_in_place`](Self::forward_backward_in_place) with any [`Targets`] and the
@@ -765,14 +761,12 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<Summary, Error> {
         let targets = targets.into();
         let plan = self.plan(logits.len(), None, targets, losses.len(), None, &extras)?;
-        let kernel = arch::select(self.backend)?;
-        let totals = kernel.run(
-            &plan.job,
+        self.execute(
+            &plan,
             targets,
             Buffers::InPlace { logits },
             outputs(losses, extras),
-        );
-        Ok(plan.summary(totals))
+        )
     }
 
     /// Step 1 of a split row (see [`shard`](crate::shard)): the [`RowState`] of every row's piece
@@ -804,9 +798,8 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<(), Error> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
-        let kernel = arch::select(self.backend)?;
-        kernel.run(
-            &plan.job,
+        self.execute(
+            &plan,
             targets,
             Buffers::PieceStates {
                 logits,
@@ -814,8 +807,8 @@ impl<'a> CrossEntropy<'a> {
                 states,
             },
             outputs(&mut [], Extras::default()),
-        );
-        Ok(())
+        )
+        .map(|_| ())
     }
 
     /// Step 3 of a split row: the per-row losses (and extras) and the reduced loss from the rows'
@@ -853,14 +846,12 @@ impl<'a> CrossEntropy<'a> {
         }
         Self::reject_soft(targets)?;
         let plan = self.plan(0, Some(0), targets, losses.len(), None, &extras)?;
-        let kernel = arch::select(self.backend)?;
-        let totals = kernel.run(
-            &plan.job,
+        self.execute(
+            &plan,
             targets,
             Buffers::Finish { states },
             outputs(losses, extras),
-        );
-        Ok(plan.summary(totals))
+        )
     }
 
     /// Step 3 of a split row: the gradient of piece `piece` into `grad` (`[N, piece.width]`)
@@ -893,9 +884,8 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<(), Error> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), Some(grad.len()))?;
-        let kernel = arch::select(self.backend)?;
-        kernel.run(
-            &plan.job,
+        self.execute(
+            &plan,
             targets,
             Buffers::PieceGradient {
                 logits,
@@ -904,8 +894,8 @@ impl<'a> CrossEntropy<'a> {
                 states,
             },
             outputs(&mut [], Extras::default()),
-        );
-        Ok(())
+        )
+        .map(|_| ())
     }
 
     /// As [`piece_backward`](Self::piece_backward), overwriting the piece's logits with its
@@ -935,9 +925,8 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<(), Error> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
-        let kernel = arch::select(self.backend)?;
-        kernel.run(
-            &plan.job,
+        self.execute(
+            &plan,
             targets,
             Buffers::PieceGradientInPlace {
                 logits,
@@ -945,8 +934,22 @@ impl<'a> CrossEntropy<'a> {
                 states,
             },
             outputs(&mut [], Extras::default()),
-        );
-        Ok(())
+        )
+        .map(|_| ())
+    }
+
+    /// Runs a checked call on the configured backend (selected, or refused, before anything is
+    /// written).
+    fn execute(
+        &self,
+        plan: &Plan<'a>,
+        targets: Targets<'_>,
+        buffers: Buffers<'_>,
+        outputs: Outputs<'_>,
+    ) -> Result<Summary, Error> {
+        let kernel = arch::select(self.backend)?;
+        let totals = kernel.run(&plan.job, targets, buffers, outputs);
+        Ok(plan.summary(totals))
     }
 
     fn reject_soft(targets: Targets<'_>) -> Result<(), Error> {

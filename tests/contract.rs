@@ -13,6 +13,7 @@ use smoothce::reference::{self, agrees, GRAD_TOLERANCE, LOSS_TOLERANCE};
 use smoothce::{Backend, CrossEntropy, Reduction, Smoothing};
 
 /// Class counts: below, at and above every vector width, a block boundary, beyond 2^18.
+/// (`more_than_2_24_classes_in_one_row` covers rows beyond the 2^22 strategy switch.)
 const CLASSES: [usize; 10] = [1, 2, 3, 7, 16, 17, 64, 100, 4097, 262_145];
 
 /// Smoothings exercised by the contract tests for `k` classes.

@@ -255,7 +255,7 @@ fn pick_classes(inp: &mut Input) -> usize {
             let delta = inp.int(0_usize..=34);
             blocks * 4096 + delta - 17
         }
-        // Around the reload/recompute switch (2^18): rare, these are slow.
+        // Long rows, around 2^18 elements: rare, these are slow.
         29 => (1 << 18) + inp.int(0_usize..=66) - 33,
         _ => inp.int(5000..=300_000),
     }
