@@ -772,15 +772,7 @@ fn load_at<V: Vector>(s: &[f32], offset: usize, fill: f32) -> V {
 /// mask: `-inf` too, which only tail padding can reach).
 #[inline(always)]
 fn apply_mask<V: Vector>(mask: &[bool], offset: usize, z: V) -> V {
-    let mut allowed = V::splat(0.0).to_array();
-    for (lane, &ok) in allowed
-        .as_mut()
-        .iter_mut()
-        .zip(mask.get(offset..).unwrap_or(&[]))
-    {
-        *lane = if ok { 1.0 } else { 0.0 };
-    }
-    V::load(&allowed).select_eq(V::splat(0.0), V::splat(f32::NEG_INFINITY), z)
+    z.keep_allowed(mask.get(offset..).unwrap_or(&[]))
 }
 
 /// Max and min of a row of raw logits (masked lanes excluded from the max).
@@ -1004,6 +996,9 @@ struct SumExp<'a, V, const CAREFUL: bool> {
     /// Vectors added since the last flush.
     pending: u32,
     total: Stats,
+    /// The next block of the row, prefetched while this one is summed from L1 (see
+    /// [`stats_inline`]).
+    ahead: &'a [f32],
 }
 
 impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
@@ -1026,6 +1021,7 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
                 max,
                 ..Stats::EMPTY
             },
+            ahead: &[],
         }
     }
 
@@ -1068,6 +1064,9 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
         self.pending += 1;
         if self.pending == FLUSH_VECTORS {
             self.end_block();
+        }
+        if let Some(x) = self.ahead.get(offset) {
+            V::prefetch(x);
         }
         if CAREFUL {
             return self.careful(slot, offset, z);
@@ -1261,6 +1260,7 @@ fn block_stats<V: Vector>(
     transform: Transform,
     aux: Option<&[f32]>,
     mask: Option<&[bool]>,
+    ahead: &[f32],
 ) -> Stats {
     let mut mm = MaxMin::<V>::new(mask);
     fold(z, f32::NEG_INFINITY, &mut mm);
@@ -1274,21 +1274,28 @@ fn block_stats<V: Vector>(
     );
     let lanes = Lanes::new(m, transform, aux, mask);
     if needs_care(m, tmin) || mask.is_some() {
-        sums_fold::<V, true>(z, m, lanes)
+        sums_fold::<V, true>(z, m, lanes, ahead)
     } else {
-        sums_fold::<V, false>(z, m, lanes)
+        sums_fold::<V, false>(z, m, lanes, ahead)
     }
 }
 
 #[inline(always)]
-fn sums_fold<V: Vector, const CAREFUL: bool>(z: &[f32], m: f32, lanes: Lanes<'_, V>) -> Stats {
+fn sums_fold<'a, V: Vector, const CAREFUL: bool>(
+    z: &[f32],
+    m: f32,
+    lanes: Lanes<'a, V>,
+    ahead: &'a [f32],
+) -> Stats {
     let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
+    op.ahead = ahead;
     fold(z, f32::NEG_INFINITY, &mut op);
     op.stats()
 }
 
 /// The statistics of a row or piece, block by block: each block is read from memory once (its
-/// second pass hits L1), and the blocks merge exactly.
+/// second pass hits L1, and prefetches the next block meanwhile, so that the memory is not idle
+/// while the exps are computed), and the blocks merge exactly.
 #[inline(always)]
 pub(crate) fn stats_inline<V: Vector>(
     z: &[f32],
@@ -1301,7 +1308,8 @@ pub(crate) fn stats_inline<V: Vector>(
         let start = i * BLOCK;
         let sub_aux = aux.map(|a| a.get(start..).unwrap_or(&[]));
         let sub_mask = mask.map(|m| m.get(start..).unwrap_or(&[]));
-        total = total.merge(block_stats::<V>(block, transform, sub_aux, sub_mask));
+        let ahead = z.get(start + BLOCK..).unwrap_or(&[]);
+        total = total.merge(block_stats::<V>(block, transform, sub_aux, sub_mask, ahead));
     }
     total
 }
@@ -1747,7 +1755,8 @@ fn write_gradient<V: Vector>(
         let ninf = f32::NEG_INFINITY;
         // Rows far beyond the caches: non-temporal stores skip the read for ownership of the
         // gradient's lines (and do not evict the logits still to be read).
-        let stream = io.src().len() >= STREAM_MIN;
+        // Out of place only: in place, the line was just read and is in the cache already.
+        let stream = matches!(io, Io::Separate(..)) && io.src().len() >= STREAM_MIN;
         if careful {
             io.map(ninf, &mut Recompute::<V, true> { lanes, grad }, stream);
         } else {

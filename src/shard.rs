@@ -19,7 +19,11 @@
 //! The smoothing always uses the global number of classes `K` (and the global count of allowed
 //! classes when some are masked), never the piece's: Megatron-LM's local-`K` bug cannot happen.
 //! Every option of [`CrossEntropy`] works in pieces except soft targets (an
-//! [`Error::Unsupported`]).
+//! [`Error::Unsupported`]). Two limits: the piece gradients take no per-row upstream scales
+//! (`Extras::row_scales`; with [`Reduction::None`](crate::Reduction::None) scale the gradient
+//! rows yourself), and off-target smoothing with `eps > 2/3` on a row whose target logit lies so
+//! far below the others that it swamps them in f32 (`[-1e30, 1, 0, 0.5]`) keeps the cancellation
+//! that the unsplit calls avoid with an exact sum of the other classes.
 //!
 //! ```
 //! use smoothce::{CrossEntropy, Extras, Piece, RowState, Smoothing};

@@ -42,6 +42,20 @@ pub(crate) trait Vector: Copy {
     /// Orders the non-temporal stores made so far before any later store (`sfence`).
     #[inline(always)]
     fn stream_fence() {}
+    /// Asks for the cache line holding `x` to be fetched ahead of its use (a hint; nothing by
+    /// default).
+    #[inline(always)]
+    #[allow(clippy::trivially_copy_pass_by_ref)] // the address is the argument
+    fn prefetch(x: &f32) {
+        let _ = x;
+    }
+
+    /// `self` in the lanes whose flag in `allowed` (the next `LANES` class-mask flags; lanes
+    /// past its end count as disallowed) is true, `-inf` in the others.
+    #[inline(always)]
+    fn keep_allowed(self, allowed: &[bool]) -> Self {
+        keep_allowed_lanes(self, allowed)
+    }
     /// The lanes as an array.
     fn to_array(self) -> Self::Array;
 
@@ -100,4 +114,15 @@ pub(crate) trait Vector: Copy {
         let [a, b, c, d, e, f, g, h] = pairs;
         ((a + e) + (c + g)) + ((b + f) + (d + h))
     }
+}
+
+/// [`Vector::keep_allowed`] lane by lane, for any backend (and for the x86 ones when fewer than
+/// `LANES` flags are left).
+#[inline(always)]
+pub(crate) fn keep_allowed_lanes<V: Vector>(v: V, allowed: &[bool]) -> V {
+    let mut flags = V::splat(0.0).to_array();
+    for (lane, &ok) in flags.as_mut().iter_mut().zip(allowed) {
+        *lane = if ok { 1.0 } else { 0.0 };
+    }
+    V::load(&flags).select_eq(V::splat(0.0), V::splat(f32::NEG_INFINITY), v)
 }

@@ -3,11 +3,12 @@
 use core::arch::x86_64::{
     __m512, __mmask16, _mm256_castpd_ps, _mm512_add_pd, _mm512_add_ps, _mm512_castps512_ps256,
     _mm512_castps_pd, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
-    _mm512_cvtps_pd, _mm512_div_ps, _mm512_extractf64x4_pd, _mm512_fmadd_ps, _mm512_loadu_ps,
-    _mm512_mask_blend_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_max_ps,
-    _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_pd, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
-    _mm512_set1_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps, _mm512_sub_ps,
-    _mm_sfence, _CMP_EQ_OQ, _CMP_LT_OQ,
+    _mm512_cvtepu8_epi32, _mm512_cvtps_pd, _mm512_div_ps, _mm512_extractf64x4_pd, _mm512_fmadd_ps,
+    _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps,
+    _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_pd, _mm512_reduce_max_ps,
+    _mm512_reduce_min_ps, _mm512_set1_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps,
+    _mm512_sub_ps, _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _CMP_EQ_OQ,
+    _CMP_LT_OQ, _MM_HINT_T0,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -83,6 +84,25 @@ impl Vector for Avx512 {
     fn stream_fence() {
         // SAFETY: `sfence` is part of SSE, which every x86_64 CPU has.
         unsafe { _mm_sfence() }
+    }
+    #[inline(always)]
+    #[allow(clippy::trivially_copy_pass_by_ref)] // the address is the argument
+    fn prefetch(x: &f32) {
+        // SAFETY: a prefetch is a hint that never faults; `x` is a valid reference anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(x).cast()) }
+    }
+    #[inline(always)]
+    fn keep_allowed(self, allowed: &[bool]) -> Self {
+        match allowed.first_chunk::<16>() {
+            // SAFETY: see the impl comment; `flags` is 16 readable bytes (a `bool` is one byte,
+            // 0 or 1), exactly what the unaligned 128-bit load reads.
+            Some(flags) => Avx512(unsafe {
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(flags.as_ptr().cast()));
+                let keep = _mm512_test_epi32_mask(bytes, bytes);
+                _mm512_mask_blend_ps(keep, _mm512_set1_ps(f32::NEG_INFINITY), self.0)
+            }),
+            None => crate::vector::keep_allowed_lanes(self, allowed),
+        }
     }
     #[inline(always)]
     fn splat(x: f32) -> Self {
