@@ -3,7 +3,8 @@
 //! Per row of `K` logits `z`, the kernel works on the transformed logits `t = f(z)` (`f` is the
 //! logit scale `s z`, or the soft-cap `c tanh(s z / c)`, both increasing) and two strategies:
 //!
-//! * **Reload** (rows up to [`RELOAD_MAX`] elements and no soft-cap; the XNNPACK structure):
+//! * **Reload** (rows up to [`Vector::RELOAD_MAX`] elements and no soft-cap; the XNNPACK
+//!   structure):
 //!   pass 1 finds the max and min of `z`; pass 2 stores `e = exp(t - m)` into the output while
 //!   summing `e`, `t - m` (and, with an auxiliary row `v` of class weights or target
 //!   probabilities, `v (t - m)` and `v`); pass 3 turns the stored `e` into the gradient. One exp
@@ -11,7 +12,7 @@
 //! * **Recompute** (longer rows, soft-capped rows, and every forward-only call): statistics are
 //!   gathered block by block (max of the block, then its sums while it is in L1) and merged
 //!   exactly; the gradient pass recomputes `exp(t - m)`, and stores it non-temporally on rows of
-//!   more than [`RELOAD_MAX`] elements. Two exps per element, but the row is read from memory
+//!   more than 2^22 elements. Two exps per element, but the row is read from memory
 //!   twice and written once instead of read three times and written twice.
 //!
 //! Every loss option reduces to four per-row coefficients (see [`Coefficients`]):
@@ -44,20 +45,13 @@ pub(crate) const BLOCK: usize = 4096;
 /// way) keeps the sums within about 1e-6 relative.
 const FLUSH_VECTORS: u32 = 64;
 
-/// Rows (or pieces) of at least this many elements store their gradient with non-temporal
-/// stores where the backend has them (AVX2, AVX-512), skipping the read for ownership of every
-/// gradient line: the rows of the recompute strategy, beyond 16 MiB. Measured (BENCHMARKS.md):
-/// a 2^24-element row takes 15 ms with them and 20 ms without on AVX-512 (26 and 28 ms on AVX2);
-/// below 2^22 elements they gain at most a few percent, and would evict a gradient that the
-/// caller's next step could still find in the cache.
-const STREAM_MIN: usize = RELOAD_MAX + 1;
-
-/// Rows longer than this use the recompute strategy for forward+backward. Measured on this
-/// crate's reference machine (BENCHMARKS.md, "Strategy switch"): the reload strategy is faster
-/// up to 2^22 elements on AVX2 (it needs one exp per element where recomputing needs two, and
-/// AVX2 is compute-bound) and ties with recompute on AVX-512 from 2^20 to 2^22; at 2^23 and 2^24
-/// recompute with non-temporal stores wins on both.
-pub(crate) const RELOAD_MAX: usize = 1 << 22;
+/// Rows (or pieces) of more than 2^22 elements (16 MiB) store their out-of-place gradient with
+/// non-temporal stores where the backend has them (AVX2, AVX-512), skipping the read for
+/// ownership of every gradient line. Measured (BENCHMARKS.md, "Strategy switch"): a 2^24-element
+/// row takes 15 ms with them and 20 ms without on AVX-512 (26 and 28 ms on AVX2); up to 2^22
+/// elements they gain at most a few percent, and would evict a gradient that the caller's next
+/// step could still find in the cache.
+const STREAM_MIN: usize = (1 << 22) + 1;
 
 /// Row ranges `max t - min t` above this take the careful variant (the fast variant's f32
 /// accumulators could overflow past it: at most 128 elements land in one accumulator lane per
@@ -1632,7 +1626,7 @@ pub(crate) fn gradient_row<V: RowKernels>(
     let z = io.src();
     let (target_z, soft_correct) = target_inputs(job, target, z);
     let k = z.len();
-    let reload = k <= RELOAD_MAX && transform.cap.is_none();
+    let reload = k <= V::RELOAD_MAX && transform.cap.is_none();
     let (stats, rest) = if reload {
         let mut mm = MaxMin::<V>::new(mask);
         fold(z, f32::NEG_INFINITY, &mut mm);

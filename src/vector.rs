@@ -30,6 +30,14 @@ pub(crate) trait Vector: Copy {
     /// All lanes `x`.
     fn splat(x: f32) -> Self;
 
+    /// Rows of up to this many elements take the reload strategy for forward+backward (three
+    /// passes, one exp per element), longer ones the recompute strategy (statistics block by
+    /// block, then one gradient pass; two exps per element). Measured on the reference machine
+    /// (BENCHMARKS.md, "Strategy switch"): where exps are dear (AVX2, and the portable backend's
+    /// 128-bit vectors) reloading wins up to 2^22 elements; at 2^23 and beyond recomputing (with
+    /// non-temporal stores) wins everywhere.
+    const RELOAD_MAX: usize = 1 << 22;
+
     /// The alignment, in bytes, that [`Vector::stream`] needs to bypass the caches (4, an f32's:
     /// the backend has no such store).
     const STREAM_ALIGN: usize = 4;

@@ -211,8 +211,8 @@ proptest! {
 proptest! {
     #![proptest_config(config(6))]
 
-    /// Long rows, up to 300,000 classes (the reload strategy; the recompute one, beyond 2^22,
-    /// is tested on one row by tests/contract.rs and on every soft-capped row), one at a time.
+    /// Long rows, up to 300,000 classes (on AVX-512 both sides of its 2^17 strategy switch; the
+    /// other backends switch at 2^22, tested on one row by tests/contract.rs), one at a time.
     #[test]
     fn long_rows_agree_with_reference(
         case in case(1, prop_oneof![
