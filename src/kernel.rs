@@ -754,12 +754,7 @@ fn map_in_place<V: Vector, O: Op<V>>(buf: &mut [f32], tail_fill: f32, op: &mut O
 /// The vector of `s[offset..offset + LANES]`, padded with `fill` past the end.
 #[inline(always)]
 fn load_at<V: Vector>(s: &[f32], offset: usize, fill: f32) -> V {
-    let rest = s.get(offset..).unwrap_or(&[]);
-    let (arrays, tail) = V::split(rest);
-    match arrays.first() {
-        Some(a) => V::load(a),
-        None => V::load_tail(tail, fill),
-    }
+    V::load_prefix(s.get(offset..).unwrap_or(&[]), fill)
 }
 
 /// `z` with the lanes that the class mask disallows replaced by `-inf` (past the end of the
