@@ -132,7 +132,9 @@ pub enum Reduction {
 ///   gradient is `p - q` (times the logit scale). A row whose logits are all `-inf` has loss `+inf`
 ///   and a zero gradient. Soft targets that put mass on a masked class make the loss `+inf`.
 /// - A row holding a NaN or a `+inf` logit gets loss NaN and a gradient row of NaN; other rows are
-///   unaffected (the reduced value becomes NaN, as in PyTorch).
+///   unaffected (the reduced value becomes NaN, as in PyTorch). The kernels work in f32 on the
+///   scaled logits `s z`: a finite logit that [`logit_scale`](Self::logit_scale) takes past
+///   `f32::MAX` counts as `+inf` (its row is NaN).
 /// - Ignored rows (target equal to the ignore index) get loss 0 and a gradient row of exact zeros.
 ///
 /// [`forward`]: CrossEntropy::forward
@@ -223,7 +225,10 @@ pub struct Summary {
     pub loss: f32,
     /// The z-loss part of `loss`, reduced the same way.
     pub z_loss: f32,
-    /// Number of non-ignored rows whose target attains the max logit.
+    /// Number of non-ignored rows whose target attains the max logit (see [`Extras::correct`]).
+    /// For soft targets it is counted only when `Extras::correct` is given: finding each row's
+    /// most probable target class costs a scan of the row, which the kernels skip otherwise
+    /// (the count is then 0).
     pub correct: usize,
     /// Number of non-ignored rows.
     pub rows: usize,

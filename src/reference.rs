@@ -181,11 +181,11 @@ fn row_core(
     };
     let allowed = |k: usize, z: f32| mask_allows(k) && z != f32::NEG_INFINITY;
     // NaN or +inf in a class that is read: NaN loss and NaN gradient.
-    if logits
-        .iter()
-        .enumerate()
-        .any(|(k, z)| mask_allows(k) && (z.is_nan() || *z == f32::INFINITY))
-    {
+    if logits.iter().enumerate().any(|(k, z)| {
+        // A finite logit scaled past f32::MAX counts as +inf, as in the kernels.
+        let overflows = || config.transform.scalar(*z) as f32 == f32::INFINITY;
+        mask_allows(k) && (z.is_nan() || *z == f32::INFINITY || overflows())
+    }) {
         each(&mut emit, f64::NAN);
         return RowOut {
             loss: f64::NAN,
@@ -501,7 +501,9 @@ fn batch(
         *loss = row.loss as f32;
         total += row.loss;
         total_z += row.z_loss;
-        correct += usize::from(row.correct);
+        // Soft targets: counted only when asked for, as in the kernels (see `Summary::correct`).
+        let counted = matches!(target, RefTarget::Class(_)) || extras.correct.is_some();
+        correct += usize::from(row.correct && counted);
         write_extras(&mut extras, i, row);
     }
     Ok(Summary {
