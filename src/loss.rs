@@ -134,7 +134,11 @@ pub enum Reduction {
 /// - A row holding a NaN or a `+inf` logit gets loss NaN and a gradient row of NaN; other rows are
 ///   unaffected (the reduced value becomes NaN, as in PyTorch). The kernels work in f32 on the
 ///   scaled logits `s z`: a finite logit that [`logit_scale`](Self::logit_scale) takes past
-///   `f32::MAX` counts as `+inf` (its row is NaN).
+///   `f32::MAX` counts as `+inf` (its row is NaN). Likewise the gradient's per-row factor
+///   `upstream * row_scale * s * (A + 2 lambda lse) / sum exp(t - m)` (`A` the row's target mass,
+///   about 1 without class weights) is formed in f32: a row where it exceeds `f32::MAX` (z-loss
+///   or upstream factors on logits near `f32::MAX`) gets NaN in the gradient of its classes of
+///   negligible probability.
 /// - Ignored rows (target equal to the ignore index) get loss 0 and a gradient row of exact zeros.
 ///
 /// [`forward`]: CrossEntropy::forward
