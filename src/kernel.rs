@@ -93,7 +93,9 @@ impl Transform {
         let scaled = f64::from(self.scale) * f64::from(z);
         match self.cap {
             Some(c) => f64::from(c) * libm::tanh(scaled / f64::from(c)),
-            None => scaled,
+            // The scaled logit in f32, as the kernels form it (and as a framework scaling an f32
+            // tensor would): `s z` rounded once, `+-inf` beyond the f32 range.
+            None => f64::from(scaled as f32),
         }
     }
 
@@ -905,8 +907,8 @@ impl Stats {
 struct Lanes<'a, V> {
     /// `m`, the max of `t`.
     m: V,
-    /// The logit scale `s`.
-    scale: V,
+    /// The logit scale `s`, unless it is 1.
+    scale: Option<V>,
     /// `c` and `s / c`, if soft-capping.
     cap: Option<(V, V)>,
     /// The auxiliary row, if any.
@@ -920,7 +922,7 @@ impl<'a, V: Vector> Lanes<'a, V> {
     fn new(m: f32, transform: Transform, aux: Option<&'a [f32]>, mask: Option<&'a [bool]>) -> Self {
         Lanes {
             m: V::splat(m),
-            scale: V::splat(transform.scale),
+            scale: (transform.scale != 1.0).then(|| V::splat(transform.scale)),
             cap: transform
                 .cap
                 .map(|c| (V::splat(c), V::splat(transform.scale / c))),
@@ -935,26 +937,28 @@ impl<'a, V: Vector> Lanes<'a, V> {
     fn transformed(&self, z: V) -> V {
         match self.cap {
             Some((c, s_over_c)) => tanh(z.mul(s_over_c)).mul(c),
-            None => z.mul(self.scale),
+            None => match self.scale {
+                Some(s) => z.mul(s),
+                None => z,
+            },
         }
     }
 
-    /// `t - m`.
+    /// `t - m`, with `t` rounded to f32 first (not fused: `m` is a rounded `t` too, so the max's
+    /// own term is exactly 0, and every backend gets the same bits).
     #[inline(always)]
     fn shifted(&self, z: V) -> V {
-        match self.cap {
-            Some(_) => self.transformed(z).sub(self.m),
-            None => z.mul_add(self.scale, V::splat(0.0).sub(self.m)),
-        }
+        self.transformed(z).sub(self.m)
     }
 
-    /// `(t - m) * 2^-41`, never overflowing.
+    /// `(t - m) * 2^-41`, never overflowing: the same rounding as [`Lanes::shifted`], scaled by
+    /// a power of two.
     #[inline(always)]
     fn shifted_scaled(&self, z: V) -> V {
         let c = V::splat(CAREFUL_SCALE);
         match self.cap {
             Some(_) => self.shifted(z).mul(c),
-            None => z.mul(self.scale.mul(c)).sub(self.m.mul(c)),
+            None => self.transformed(z).mul(c).sub(self.m.mul(c)),
         }
     }
 
@@ -1222,17 +1226,29 @@ fn needs_care(max: f32, min: f32) -> bool {
     range.is_nan() || range > FAST_RANGE_MAX
 }
 
-/// The statistics of a row whose max is not a finite number: NaN/`+inf` rows are invalid, a row
-/// with no allowed class has none. `None` for a finite max.
-fn degenerate(max: f32, z: &[f32], mask: Option<&[bool]>) -> Option<Stats> {
-    if max.is_finite() {
+/// The statistics of a row (or block) whose max is not a finite number: NaN/`+inf` rows are
+/// invalid, and so is a finite max that the logit scale takes past `f32::MAX` (`m`, the scaled
+/// max, is `+inf`); a row with no allowed class has none, but its auxiliary row (soft targets)
+/// is all masked mass. `None` for a finite max.
+fn degenerate(
+    max: f32,
+    m: f32,
+    z: &[f32],
+    mask: Option<&[bool]>,
+    aux: Option<&[f32]>,
+) -> Option<Stats> {
+    if max.is_finite() && m != f32::INFINITY {
         return None;
     }
     // A NaN-dropping max can report -inf for a row of NaN and -inf: look again.
     let allowed = |k: usize| mask.is_none_or(|m| m.get(k).copied().unwrap_or(false));
     let nan = z.iter().enumerate().any(|(k, x)| x.is_nan() && allowed(k));
+    let aux_masked = aux.map_or(0.0, |a| {
+        a.iter().take(z.len()).map(|&v| f64::from(v)).sum::<f64>()
+    });
     Some(Stats {
-        invalid: max.is_nan() || max == f32::INFINITY || nan,
+        invalid: max.is_nan() || max == f32::INFINITY || m == f32::INFINITY || nan,
+        aux_masked,
         ..Stats::EMPTY
     })
 }
@@ -1254,13 +1270,13 @@ fn block_stats<V: Vector>(
     let mut mm = MaxMin::<V>::new(mask);
     fold(z, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
-    if let Some(stats) = degenerate(zmax, z, mask) {
-        return stats;
-    }
     let (m, tmin) = (
         transform_f32(transform, zmax),
         transform_f32(transform, zmin),
     );
+    if let Some(stats) = degenerate(zmax, m, z, mask, aux) {
+        return stats;
+    }
     let lanes = Lanes::new(m, transform, aux, mask);
     if needs_care(m, tmin) || mask.is_some() {
         sums_fold::<V, true>(z, m, lanes, ahead)
@@ -1451,19 +1467,17 @@ fn finish_row(
     } else {
         0.0
     };
-    // The f32 value of t_y - m that the kernels summed (for a scale alone: one fused rounding).
+    // The f32 value of t_y - m that the kernels summed (`t_y` rounded to f32, then the
+    // difference rounded, as in `Lanes::shifted`).
     let target_shift = match (target, target_z) {
-        (RowTarget::Class(_), Some(z_y)) if target_allowed => {
-            let r_y = match job.transform.cap {
-                None => fused_multiply_add(z_y, job.transform.scale, -stats.max),
-                Some(_) => target_t as f32 - stats.max,
-            };
+        (RowTarget::Class(_), Some(_)) if target_allowed => {
+            let r_y = target_t as f32 - stats.max;
             // Beyond f32 the row took the careful path, which summed pre-scaled values.
             if r_y.is_finite() {
                 Some(f64::from(r_y))
             } else {
                 let c = CAREFUL_SCALE;
-                let scaled = z_y * (job.transform.scale * c) - stats.max * c;
+                let scaled = (target_t as f32) * c - stats.max * c;
                 Some(f64::from(scaled) * CAREFUL_UNSCALE)
             }
         }
@@ -1586,14 +1600,6 @@ fn exact_rest(job: &Job<'_>, z: &[f32], target: RowTarget<'_>, m: f32) -> Option
     Some(rest)
 }
 
-/// `a * b + c` with one rounding to f32 in all but rare ties: the product of two f32 is exact in
-/// f64, so only the sum rounds (to f64, then to f32). `libm::fmaf` would be exact, but on x86 it
-/// detects FMA with `cpuid` at run time, which Miri cannot execute and which a kernel called
-/// once per row does not need.
-fn fused_multiply_add(a: f32, b: f32, c: f32) -> f32 {
-    (f64::from(a) * f64::from(b) + f64::from(c)) as f32
-}
-
 /// The target's raw logit (class targets) and, when asked for, the correctness of a soft-target
 /// row: both read from the logits before a pass can overwrite them.
 fn target_inputs(job: &Job<'_>, target: RowTarget<'_>, z: &[f32]) -> (Option<f32>, bool) {
@@ -1626,13 +1632,13 @@ pub(crate) fn gradient_row<V: RowKernels>(
         let mut mm = MaxMin::<V>::new(mask);
         fold(z, f32::NEG_INFINITY, &mut mm);
         let (zmax, zmin) = mm.result();
-        if let Some(stats) = degenerate(zmax, z, mask) {
+        let (m, tmin) = (
+            transform_f32(transform, zmax),
+            transform_f32(transform, zmin),
+        );
+        if let Some(stats) = degenerate(zmax, m, z, mask, aux) {
             (stats, None)
         } else {
-            let (m, tmin) = (
-                transform_f32(transform, zmax),
-                transform_f32(transform, zmin),
-            );
             // Before the pass that may overwrite the logits with exps.
             let rest = exact_rest(job, z, target, m);
             let lanes = Lanes::new(m, transform, aux, mask);

@@ -92,6 +92,21 @@ fn regressions_options() {
     replay("fuzz/regressions/options", "", fuzz_support::options);
 }
 
+/// Kernel/reference disagreements the options fuzzer found and that are fixed since (the
+/// rounded, fused shift by a scaled max; rows with a logit scaled past `f32::MAX` not wholly NaN;
+/// soft-target mass in an all-masked block dropped; unfused shifts on the portable backend and in
+/// the careful sums): their saved inputs, `fuzz/regressions/options/fixed-*`, replayed with no
+/// quarantine and no widened tolerance.
+#[test]
+fn fixed_issues_strict() {
+    let count = replay(
+        "fuzz/regressions/options",
+        "fixed-",
+        fuzz_support::options_strict,
+    );
+    assert!(count > 0);
+}
+
 /// Kernel/reference disagreements found by the options fuzzer, reported and not fixed yet (see
 /// `fuzz_support::KnownIssue`): their saved inputs, `fuzz/regressions/options/known-*`, pass
 /// `regressions_options` only because the options check leaves the affected rows out. Replayed

@@ -2413,28 +2413,18 @@ pub fn options_strict(data: &[u8]) {
 /// lands, and they become ordinary regressions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KnownIssue {
-    /// `known-logit-scale-max`: the whole row is left out of the comparison.
+    /// `known-logit-scale-max`: a finite logit that the logit scale takes below `-f32::MAX`
+    /// (`t = -inf`): the kernels treat the class as masked (the target's correctness is false),
+    /// the reference as allowed with `t = -inf` (`known-logit-scale-max-3`: every class of the
+    /// row scaled to `-inf`, `correct` false against true). The whole row is left out of the
+    /// comparison.
     LogitScaleMax,
-    /// `known-scaled-overflow-row`: a row with a finite logit that the logit scale takes past
-    /// f32::MAX "counts as +inf (its row is NaN)" (`CrossEntropy`'s numerical contract, and the
-    /// reference), but the kernels do not make the whole row NaN as they do for a +inf logit:
-    /// with z-loss off its z-loss part is 0 (`finish_row` skips it for `lambda = 0`), the loss
-    /// can be `+inf` and `correct` true (`Summary::z_loss` 0 and `Summary::correct` counting it,
-    /// where the reference has NaN and no count). The row is not compared.
-    ScaledOverflowRow,
     /// `known-weighted-off-target-cancellation`: per-class weights, `OffTarget(eps > 2/3)` and a
     /// target logit below the row max: the target's term `B (m - t_y)` (f64) cancels against its
     /// share `C w_y (t_y - m)` of the f32-accumulated weighted shifted sum, which has lost the
     /// other classes' terms (1.8e5 for 16.75). The unweighted rows have this fixed by
     /// `kernel::exact_rest`, which skips per-class weights. The row's loss is not compared.
     WeightedOffTargetCancellation,
-    /// `known-soft-masked-block`: soft targets on a row of more than one 4096-class block,
-    /// computed by block statistics (`forward_with`, or any soft-capped row): a block whose
-    /// classes are all masked (class mask or `-inf`) is `degenerate` and returns
-    /// `Stats::EMPTY`, dropping the target mass on its classes (`aux_masked`). The loss is then
-    /// finite where the documentation says `+inf`, and the gradient's `A` misses that mass. The
-    /// row is not compared.
-    SoftMaskedBlock,
 }
 
 /// The [`KnownIssue`] row `i` of `case` is exposed to, if any. Such rows (and the summary's values that depend on them) are not
@@ -2449,45 +2439,12 @@ pub fn known_issue(case: &OptCase, i: usize) -> Option<KnownIssue> {
             .filter(|&(c, z)| z.is_finite() && case.allows(c))
             .map(|(_, &z)| z)
     };
-    // `known-logit-scale-max-*`: without a soft-cap the kernels shift the row by
-    // `m = f32(s z_max)` and form `s z - m` fused (one rounding), so the max's own term is
-    // `exp(s z_max - m)`, `s z_max - m` being the rounding error of `m`: up to half an ulp of
-    // `s z_max`, beyond exp's range once `|s z_max|` passes about 1e10 (`exp` gives 0, the row's
-    // sum can be 0, and the loss `-inf` or NaN). `forward_with` gathers the statistics per
-    // 4096-class block, each with its own max, so there every block's max counts
-    // (`known-logit-scale-max-4`: a row whose max is -0 but one of whose blocks ends near -1e35
-    // gives a NaN lse on AVX2 and AVX-512). A `s z` below `-f32::MAX` also makes the row NaN
-    // (`known-logit-scale-max-3`). The documentation allows NaN only for NaN and +inf logits,
-    // and for finite logits scaled past +f32::MAX (`CrossEntropy`'s numerical contract; the
-    // reference agrees there, so those rows are compared), and no negative loss.
+    // `known-logit-scale-max-*`: a finite logit scaled below `-f32::MAX` (see the variant).
+    // (Fixed since: the rounded max and fused shift of the earlier `known-logit-scale-max-2`
+    // and `-4`, and the partly-NaN rows of `scaled-overflow-row`, now `fixed-*` inputs.)
     let scaled = |z: f32| (s * f64::from(z)) as f32;
-    let documented_nan = allowed_finite().any(|z| scaled(z) == f32::INFINITY);
-    if documented_nan {
-        return Some(KnownIssue::ScaledOverflowRow);
-    }
-    if case.softcap.is_none() && !documented_nan {
-        let k = case.classes;
-        let width = if case.entry == Entry::Forward {
-            BLOCK
-        } else {
-            k
-        };
-        let row = case.row(i);
-        let rounded_max_off = (0..k).step_by(width).any(|start| {
-            let end = (start + width).min(k);
-            let z_max = (start..end)
-                .filter(|&c| row[c].is_finite() && case.allows(c))
-                .map(|c| row[c])
-                .reduce(f32::max);
-            z_max.is_some_and(|z| {
-                let t = s * f64::from(z);
-                (t - f64::from(t as f32)).abs() > 64.0
-            })
-        });
-        let below = allowed_finite().any(|z| scaled(z) == f32::NEG_INFINITY);
-        if below || rounded_max_off {
-            return Some(KnownIssue::LogitScaleMax);
-        }
+    if case.softcap.is_none() && allowed_finite().any(|z| scaled(z) == f32::NEG_INFINITY) {
+        return Some(KnownIssue::LogitScaleMax);
     }
     let t = |z: f32| match case.softcap {
         Some(c) => f64::from(c) * (s * f64::from(z) / f64::from(c)).tanh(),
@@ -2507,99 +2464,9 @@ pub fn known_issue(case: &OptCase, i: usize) -> Option<KnownIssue> {
             return Some(KnownIssue::WeightedOffTargetCancellation);
         }
     }
-    if let Some(soft) = &case.soft {
-        let k = case.classes;
-        let u = &soft[i * k..(i + 1) * k];
-        let blocks = case.entry == Entry::Forward || case.softcap.is_some();
-        let dropped = (0..k).step_by(BLOCK).any(|start| {
-            let end = (start + BLOCK).min(k);
-            let all_masked = (start..end).all(|c| !case.allows(c) || z[c] == f32::NEG_INFINITY);
-            all_masked && (start..end).any(|c| u[c] != 0.0)
-        });
-        if blocks && k > BLOCK && dropped {
-            return Some(KnownIssue::SoftMaskedBlock);
-        }
-    }
     None
 }
 
-/// Known issue `known-portable-unfused-scale` (a widened tolerance, not a skipped row): the
-/// portable backend's `mul_add` is `wide`'s, which rounds twice (`(a * b) + c`) unless AVX and
-/// FMA are enabled at compile time. With a logit scale `s != 1` (and no soft-cap), `s z - m` is
-/// then off by up to half an ulp of `s z` instead of `s z - m`, in the probabilities and the
-/// shifted sums, and no longer matches the target's shift formed in f64 (a 2-class constant row
-/// of -8095.75 with scale 0.455 has loss 0.6931235 for ln 2; a row whose target is its only
-/// allowed class gets a target gradient of -6e-5 for 0). Returns that ulp for row `i` (the
-/// largest over its allowed classes), 0 where the issue cannot arise; the checks add it to the
-/// crate's tolerances, times the row's weights.
-#[must_use]
-pub fn portable_unfused_ulp(case: &OptCase, i: usize) -> f64 {
-    let s = case.logit_scale.unwrap_or(1.0);
-    let portable = match case.backend {
-        Backend::Auto => Backend::Auto.resolve() == Some(Backend::Portable),
-        b => b == Backend::Portable,
-    };
-    if !portable || s == 1.0 || case.softcap.is_some() {
-        return 0.0;
-    }
-    case.row(i)
-        .iter()
-        .enumerate()
-        .filter(|&(c, z)| z.is_finite() && case.allows(c))
-        .map(|(_, &z)| ulp(f64::from(s) * f64::from(z)))
-        .fold(0.0, f64::max)
-}
-
-/// The kernels' block length (`kernel::BLOCK`): statistics are gathered and merged per block.
-const BLOCK: usize = 4096;
-
-/// Known issue `known-scaled-careful-sums` (a widened loss tolerance, not a skipped row): with a
-/// logit scale `s != 1` and no soft-cap, the careful lane update (every lane of a row with a
-/// masked class, and the last partial vector of every 4096-block otherwise) forms the shifted
-/// values as `(z (s 2^-41)) - (m 2^-41)`: the product rounds before the subtraction, so each
-/// `t - m` is off by up to half an ulp of `s z` instead of `s z - m` (the loss of `[1e4; 20]`
-/// with scale 8, off-target smoothing 1 and a masked target is 2.99878 for ln 20 = 2.99573).
-/// Returns a bound on the resulting loss error of row `i`: each such class's smoothing or
-/// target weight times an ulp of `s z`.
-#[must_use]
-pub fn scaled_careful_sums_error(case: &OptCase, i: usize) -> f64 {
-    let s = case.logit_scale.unwrap_or(1.0);
-    if s == 1.0 || case.softcap.is_some() {
-        return 0.0;
-    }
-    let k = case.classes;
-    let z = case.row(i);
-    let allowed = |c: usize| case.allows(c) && z[c] != f32::NEG_INFINITY;
-    let n = (0..k).filter(|&c| allowed(c)).count();
-    if n == 0 {
-        return 0.0;
-    }
-    let eps = f64::from(case.smoothing.eps());
-    let per = match case.smoothing {
-        Smoothing::OffTarget(_) if n > 1 => eps / (n as f64 - 1.0),
-        _ => eps / n as f64,
-    };
-    let careful_row = case.mask.is_some() || n < k;
-    let in_tail = |c: usize| {
-        let start = c / BLOCK * BLOCK;
-        let len = (start + BLOCK).min(k) - start;
-        c - start >= len - len % 16
-    };
-    let soft = case.soft.as_ref().map(|t| &t[i * k..(i + 1) * k]);
-    let mut bound = 0.0;
-    for c in (0..k).filter(|&c| allowed(c) && z[c].is_finite()) {
-        if !(careful_row || in_tail(c)) {
-            continue;
-        }
-        let smoothing = match &case.weights {
-            Some((w, _)) => per * f64::from(w[c]).max(1.0),
-            None => per,
-        };
-        let target = soft.map_or(0.0, |u| f64::from(u[c]));
-        bound += (smoothing + target) * ulp(f64::from(s) * f64::from(z[c]));
-    }
-    bound * case.weight_factor(i)
-}
 
 /// The call must have failed with `want` and written nothing.
 fn check_options_rejected(case: &OptCase, out: &OptOutcome, want: &Error) {
@@ -2812,16 +2679,7 @@ pub fn check_options(case: &OptCase, strict: bool) {
             .flatten()
     };
     let quarantined: Vec<usize> = (0..n)
-        .filter(|&i| {
-            matches!(
-                issue(i),
-                Some(
-                    KnownIssue::LogitScaleMax
-                        | KnownIssue::SoftMaskedBlock
-                        | KnownIssue::ScaledOverflowRow
-                )
-            )
-        })
+        .filter(|&i| matches!(issue(i), Some(KnownIssue::LogitScaleMax)))
         .collect();
     let loss_quarantined: Vec<usize> = (0..n)
         .filter(|&i| issue(i) == Some(KnownIssue::WeightedOffTargetCancellation))
@@ -2858,18 +2716,7 @@ pub fn check_options(case: &OptCase, strict: bool) {
         let w = case.weight_factor(i);
         let target = case.class(i).and_then(|t| usize::try_from(t).ok());
         let rel = 2.0 * loss_tol * w;
-        // Known issue `known-scaled-careful-sums`: an absolute widening (see its function).
-        let unfused = if strict {
-            0.0
-        } else {
-            portable_unfused_ulp(case, i)
-        };
-        let careful = if strict {
-            0.0
-        } else {
-            scaled_careful_sums_error(case, i) + 4.0 * unfused * w
-        };
-        loss_bound += rel * magnitude(want_losses[i]) + careful;
+        loss_bound += rel * magnitude(want_losses[i]);
         // A row loss beyond f32 (infinite as f32, finite in f64) still enters a finite mean.
         if want_losses[i].is_infinite() {
             beyond_f32_rel = beyond_f32_rel.max(rel);
@@ -2880,16 +2727,16 @@ pub fn check_options(case: &OptCase, strict: bool) {
         } else {
             losses[i]
         });
-        let bound =
-            rel * if size.is_finite() {
+        let bound = rel
+            * if size.is_finite() {
                 size.abs().max(1.0)
             } else {
                 1.0
-            } + careful;
+            };
         assert!(
             loss_quarantined.contains(&i) || close(losses[i], want_losses[i], bound),
             "row {i}: loss {:e}, reference {:e}, difference {:e}, tolerance {bound:e} \
-             (relative {rel:e}, scaled careful sums {careful:e})\n{}",
+             (relative {rel:e})\n{}",
             losses[i],
             want_losses[i],
             f64::from(losses[i]) - f64::from(want_losses[i]),
@@ -2899,8 +2746,7 @@ pub fn check_options(case: &OptCase, strict: bool) {
             let rel = 2.0 * loss_tol;
             let size = f64::from(want_lse[i]).abs().max(1.0);
             assert!(
-                close_rel(l[i], want_lse[i], rel)
-                    || close(l[i], want_lse[i], rel * size + 2.0 * unfused),
+                close_rel(l[i], want_lse[i], rel) || close(l[i], want_lse[i], rel * size),
                 "row {i}: lse {:e}, reference {:e}, relative tolerance {rel:e}\n{}",
                 l[i],
                 want_lse[i],
@@ -2910,10 +2756,8 @@ pub fn check_options(case: &OptCase, strict: bool) {
         if let Some(l) = z {
             let rel = 4.0 * loss_tol;
             let size = f64::from(want_z[i]).abs().max(1.0);
-            let lse_i = f64::from(want_lse[i]).abs();
-            let extra = 4.0 * lambda * lse_i * unfused;
             assert!(
-                close_rel(l[i], want_z[i], rel) || close(l[i], want_z[i], rel * size + extra),
+                close_rel(l[i], want_z[i], rel) || close(l[i], want_z[i], rel * size),
                 "row {i}: z-loss {:e}, reference {:e}, relative tolerance {rel:e}\n{}",
                 l[i],
                 want_z[i],
@@ -2951,14 +2795,8 @@ pub fn check_options(case: &OptCase, strict: bool) {
         } else {
             1.0
         };
-        // Known issue `known-portable-unfused-scale`: `unfused` is 0 unless it applies.
-        let tolerance = 4.0
-            * (grad_tol + unfused)
-            * grad_scale
-            * row_scale
-            * logit_scale.max(1.0)
-            * w
-            * z_factor;
+        let tolerance =
+            4.0 * grad_tol * grad_scale * row_scale * logit_scale.max(1.0) * w * z_factor;
         // Documented (`CrossEntropy`'s numerical contract): the gradient's per-row factor
         // `upstream * row_scale * s * (A + 2 lambda lse) / sum exp(t - m)` is formed in f32, and
         // a row where it exceeds f32::MAX gets NaN in the gradient of its classes of negligible
