@@ -439,7 +439,9 @@ impl<'a> CrossEntropy<'a> {
 
     /// Multiplies the logits by `scale` (an inverse temperature) before the softmax; the gradient
     /// is taken with respect to the unscaled logits (chain factor `scale`). `scale` must be finite
-    /// and `> 0` ([`Error::InvalidOption`]).
+    /// and `> 0` ([`Error::InvalidOption`]). The scaled logit `scale * z` is rounded to f32, as
+    /// when a framework scales an f32 tensor (the reference does the same), so a product beyond
+    /// `f32::MAX` is `+inf` (see the NaN rule on [`CrossEntropy`]).
     ///
     /// ```
     /// use smoothce::CrossEntropy;
