@@ -2467,7 +2467,6 @@ pub fn known_issue(case: &OptCase, i: usize) -> Option<KnownIssue> {
     None
 }
 
-
 /// The call must have failed with `want` and written nothing.
 fn check_options_rejected(case: &OptCase, out: &OptOutcome, want: &Error) {
     let ctx = || case.describe(None, None);
