@@ -36,6 +36,13 @@
 //!   refilled outside the clock (`iter_custom`), as `kernels.rs` does for its in-place benchmark.
 //! - `fb/pieces1`: the same steps with a single piece covering the whole row: the per-piece API's
 //!   own overhead, apart from the splitting.
+//! - `fb/pieces8_exps`, `fb/pieces1_exps`: the one-exp path: `piece_states_and_exps` of every
+//!   piece, storing its exps in its gradient block, the same merge and `finish_states`, then
+//!   `piece_backward_from_exps` of every block.
+//! - `fb/pieces8_exps_in_place`: the same with `piece_states_and_exps_in_place`, refilled like
+//!   `fb/pieces8_in_place`.
+//! - `fb/unsplit_in_place`: `forward_backward_in_place`, refilled the same way: the yardstick of
+//!   the two in-place split calls.
 //!
 //! Inputs follow `kernels.rs`: logits normal with standard deviation 3 from a seeded SplitMix64
 //! (the same values as its groups of the same shape), `Smoothing::Uniform(0.1)`,
@@ -472,6 +479,60 @@ impl Split {
         for (&piece, states) in self.pieces.iter().zip(&mut self.states) {
             ce.piece_states(&logits[block(rows, piece)], piece, targets, states)?;
         }
+        self.merge_and_finish(ce, targets)
+    }
+
+    /// Steps 1 and 2 and the losses, keeping the exps: every piece's states and exps
+    /// (`piece_states_and_exps`, into the piece's block of `exps`, or over `logits` when `exps` is
+    /// `None`), merged, finished. Returns the reduced loss.
+    fn forward_exps(
+        &mut self,
+        ce: &CrossEntropy,
+        logits: &mut [f32],
+        targets: &[u32],
+        mut exps: Option<&mut [f32]>,
+    ) -> Result<f32, Error> {
+        let rows = targets.len();
+        for (&piece, states) in self.pieces.iter().zip(&mut self.states) {
+            let range = block(rows, piece);
+            match exps.as_deref_mut() {
+                Some(exps) => ce.piece_states_and_exps(
+                    &logits[range.clone()],
+                    piece,
+                    targets,
+                    states,
+                    &mut exps[range],
+                )?,
+                None => {
+                    ce.piece_states_and_exps_in_place(&mut logits[range], piece, targets, states)?;
+                }
+            }
+        }
+        self.merge_and_finish(ce, targets)
+    }
+
+    /// Step 3 from stored exps: every piece's block of `exps` becomes its gradient.
+    fn backward_exps(
+        &self,
+        ce: &CrossEntropy,
+        exps: &mut [f32],
+        targets: &[u32],
+    ) -> Result<(), Error> {
+        let rows = targets.len();
+        for (&piece, own) in self.pieces.iter().zip(&self.states) {
+            ce.piece_backward_from_exps(
+                &mut exps[block(rows, piece)],
+                piece,
+                targets,
+                own,
+                &self.merged,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Step 2 (the merge an all-reduce would do) and the losses.
+    fn merge_and_finish(&mut self, ce: &CrossEntropy, targets: &[u32]) -> Result<f32, Error> {
         let (first, rest) = self.states.split_first().expect("at least one piece");
         self.merged.copy_from_slice(first);
         for states in rest {
@@ -559,6 +620,27 @@ fn check_split(
     }
 }
 
+/// Times `call` on a fresh copy of `src` each iteration (the in-place calls overwrite their
+/// input), refilled outside the clock: one copy, one clock read per call (these shapes are far
+/// bigger than the small-shape ring of `kernels.rs`).
+fn refilled<R>(
+    b: &mut criterion::Bencher<'_>,
+    work: &mut [f32],
+    src: &[f32],
+    mut call: impl FnMut(&mut [f32]) -> R,
+) {
+    b.iter_custom(|iters| {
+        let mut timed = Duration::ZERO;
+        for _ in 0..iters {
+            work.copy_from_slice(src);
+            let start = Instant::now();
+            black_box(call(black_box(&mut *work)));
+            timed += start.elapsed();
+        }
+        timed
+    });
+}
+
 fn pieces(c: &mut Criterion) {
     for (rows, classes) in PIECE_SHAPES {
         let mut group = c.benchmark_group(format!("pieces_{rows}x{classes}"));
@@ -593,75 +675,175 @@ fn pieces(c: &mut Criterion) {
             });
         });
 
-        for count in [1, PIECES] {
-            let mut split = Split::new(rows, classes, count);
-            let split_logits = piece_major(&logits, rows, classes, &split.pieces);
-            let mut split_grad = split_logits.clone();
-            let loss = split
-                .forward(&ce, &split_logits, &targets)
-                .expect("valid arguments");
-            split
-                .backward(&ce, &split_logits, &targets, &mut split_grad)
-                .expect("valid arguments");
-            check_split(
-                &split,
-                classes,
-                loss,
-                &split_grad,
-                unsplit_loss,
-                &unsplit_grad,
-            );
-            group.bench_function(BenchmarkId::new("fb", format!("pieces{count}")), |b| {
-                b.iter(|| {
-                    let logits = black_box(split_logits.as_slice());
-                    let loss = split
-                        .forward(&ce, logits, &targets)
-                        .expect("valid arguments");
-                    split
-                        .backward(&ce, logits, &targets, &mut split_grad)
-                        .expect("valid arguments");
-                    black_box(split_grad.as_mut_slice());
-                    black_box(loss)
-                });
+        // The in-place yardstick of the in-place split calls, refilled the same way.
+        let mut work = logits.clone();
+        group.bench_function(BenchmarkId::new("fb", "unsplit_in_place"), |b| {
+            refilled(b, &mut work, &logits, |z| {
+                ce.forward_backward_in_place(z, &targets, &mut losses)
+                    .expect("valid arguments")
             });
+        });
 
-            if count == PIECES {
-                // In place: the kernel overwrites the logits, so each call gets a fresh copy,
-                // refilled outside the clock (one copy, one clock read per call: these shapes are
-                // far bigger than the small-shape ring of `kernels.rs`).
-                let mut work = split_logits.clone();
-                let loss = split
-                    .forward(&ce, &work, &targets)
-                    .expect("valid arguments");
-                split
-                    .backward_in_place(&ce, &mut work, &targets)
-                    .expect("valid arguments");
-                check_split(&split, classes, loss, &work, unsplit_loss, &unsplit_grad);
-                group.bench_function(
-                    BenchmarkId::new("fb", format!("pieces{count}_in_place")),
-                    |b| {
-                        b.iter_custom(|iters| {
-                            let mut timed = Duration::ZERO;
-                            for _ in 0..iters {
-                                work.copy_from_slice(&split_logits);
-                                let start = Instant::now();
-                                let logits = black_box(work.as_mut_slice());
-                                let loss = split
-                                    .forward(&ce, logits, &targets)
-                                    .expect("valid arguments");
-                                split
-                                    .backward_in_place(&ce, logits, &targets)
-                                    .expect("valid arguments");
-                                black_box(loss);
-                                timed += start.elapsed();
-                            }
-                            timed
-                        });
-                    },
-                );
-            }
+        for count in [1, PIECES] {
+            split_benches(
+                &mut group,
+                &ce,
+                &logits,
+                &targets,
+                count,
+                (unsplit_loss, &unsplit_grad),
+            );
         }
         group.finish();
+    }
+}
+
+/// The unsplit call's loss and gradient, which every split call must reproduce.
+type Unsplit<'a> = (f32, &'a [f32]);
+
+/// The split benchmarks of `count` pieces (see the module docs).
+fn split_benches(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    ce: &CrossEntropy,
+    logits: &[f32],
+    targets: &[u32],
+    count: usize,
+    unsplit: Unsplit<'_>,
+) {
+    let (unsplit_loss, unsplit_grad) = unsplit;
+    let rows = targets.len();
+    let classes = ce.classes();
+    let mut split = Split::new(rows, classes, count);
+    let split_logits = piece_major(logits, rows, classes, &split.pieces);
+    let mut split_grad = split_logits.clone();
+    let loss = split
+        .forward(ce, &split_logits, targets)
+        .expect("valid arguments");
+    split
+        .backward(ce, &split_logits, targets, &mut split_grad)
+        .expect("valid arguments");
+    check_split(
+        &split,
+        classes,
+        loss,
+        &split_grad,
+        unsplit_loss,
+        unsplit_grad,
+    );
+    group.bench_function(BenchmarkId::new("fb", format!("pieces{count}")), |b| {
+        b.iter(|| {
+            let logits = black_box(split_logits.as_slice());
+            let loss = split.forward(ce, logits, targets).expect("valid arguments");
+            split
+                .backward(ce, logits, targets, &mut split_grad)
+                .expect("valid arguments");
+            black_box(split_grad.as_mut_slice());
+            black_box(loss)
+        });
+    });
+
+    split_exp_benches(
+        group,
+        ce,
+        &mut split,
+        &split_logits,
+        targets,
+        count,
+        unsplit,
+    );
+
+    if count == PIECES {
+        // In place: the kernel overwrites the logits, so each call gets a fresh copy,
+        // refilled outside the clock (one copy, one clock read per call: these shapes are
+        // far bigger than the small-shape ring of `kernels.rs`).
+        let mut work = split_logits.clone();
+        let loss = split.forward(ce, &work, targets).expect("valid arguments");
+        split
+            .backward_in_place(ce, &mut work, targets)
+            .expect("valid arguments");
+        check_split(&split, classes, loss, &work, unsplit_loss, unsplit_grad);
+        group.bench_function(
+            BenchmarkId::new("fb", format!("pieces{count}_in_place")),
+            |b| {
+                refilled(b, &mut work, &split_logits, |z| {
+                    let loss = split.forward(ce, z, targets).expect("valid arguments");
+                    split
+                        .backward_in_place(ce, z, targets)
+                        .expect("valid arguments");
+                    loss
+                });
+            },
+        );
+    }
+}
+
+/// The one-exp split benchmarks of `count` pieces.
+fn split_exp_benches(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    ce: &CrossEntropy,
+    split: &mut Split,
+    split_logits: &[f32],
+    targets: &[u32],
+    count: usize,
+    unsplit: Unsplit<'_>,
+) {
+    let (unsplit_loss, unsplit_grad) = unsplit;
+    let classes = ce.classes();
+    let mut split_grad = split_logits.to_vec();
+    // The one-exp path: exps stored in the gradient blocks, then rescaled.
+    let mut scratch = split_logits.to_vec();
+    let loss = split
+        .forward_exps(ce, &mut scratch, targets, Some(&mut split_grad))
+        .expect("valid arguments");
+    split
+        .backward_exps(ce, &mut split_grad, targets)
+        .expect("valid arguments");
+    check_split(
+        split,
+        classes,
+        loss,
+        &split_grad,
+        unsplit_loss,
+        unsplit_grad,
+    );
+    group.bench_function(BenchmarkId::new("fb", format!("pieces{count}_exps")), |b| {
+        b.iter(|| {
+            // Only read: `forward_exps` takes `&mut` for its in-place form.
+            let logits = black_box(scratch.as_mut_slice());
+            let loss = split
+                .forward_exps(ce, logits, targets, Some(&mut split_grad))
+                .expect("valid arguments");
+            split
+                .backward_exps(ce, &mut split_grad, targets)
+                .expect("valid arguments");
+            black_box(split_grad.as_mut_slice());
+            black_box(loss)
+        });
+    });
+
+    if count == PIECES {
+        let mut work = split_logits.to_vec();
+        let loss = split
+            .forward_exps(ce, &mut work, targets, None)
+            .expect("valid arguments");
+        split
+            .backward_exps(ce, &mut work, targets)
+            .expect("valid arguments");
+        check_split(split, classes, loss, &work, unsplit_loss, unsplit_grad);
+        group.bench_function(
+            BenchmarkId::new("fb", format!("pieces{count}_exps_in_place")),
+            |b| {
+                refilled(b, &mut work, split_logits, |z| {
+                    let loss = split
+                        .forward_exps(ce, z, targets, None)
+                        .expect("valid arguments");
+                    split
+                        .backward_exps(ce, z, targets)
+                        .expect("valid arguments");
+                    loss
+                });
+            },
+        );
     }
 }
 

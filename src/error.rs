@@ -135,6 +135,13 @@ pub enum Error {
         /// The number of classes.
         classes: usize,
     },
+    /// A piece's own [`RowState`](crate::RowState) given to
+    /// [`piece_backward_from_exps`](crate::CrossEntropy::piece_backward_from_exps) that cannot
+    /// be part of the row's merged state (more allowed classes, or a greater max).
+    StateMismatch {
+        /// The row.
+        row: usize,
+    },
     /// A combination of options the crate does not define.
     Unsupported {
         /// What was combined.
@@ -222,6 +229,10 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "a piece of {width} classes at offset {offset} does not fit in {classes} classes"
+            ),
+            Error::StateMismatch { row } => write!(
+                f,
+                "the piece state of row {row} is not part of the row's merged state"
             ),
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::BackendUnavailable { backend } => {

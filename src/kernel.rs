@@ -212,6 +212,28 @@ pub(crate) enum Buffers<'a> {
         /// One merged state per row.
         states: &'a [RowState],
     },
+    /// The states of one piece, storing each row's exps relative to the piece's own max into
+    /// `exps` (or over `logits`, when `exps` is `None`).
+    PieceExps {
+        /// `[N, width]` logits of the piece (overwritten by the exps when in place).
+        logits: PieceLogits<'a>,
+        /// Where the piece sits.
+        piece: Piece,
+        /// One state per row.
+        states: &'a mut [RowState],
+    },
+    /// The gradient of one piece from its stored exps, its own states and the merged ones,
+    /// written over the exps.
+    PieceScale {
+        /// `[N, width]` exps of the piece, overwritten by the gradient.
+        exps: &'a mut [f32],
+        /// Where the piece sits.
+        piece: Piece,
+        /// The piece's own states, one per row.
+        own: &'a [RowState],
+        /// The merged states, one per row.
+        merged: &'a [RowState],
+    },
     /// The gradient of one piece from merged states, over its logits.
     PieceGradientInPlace {
         /// `[N, width]` logits of the piece, overwritten by the gradient.
@@ -221,6 +243,14 @@ pub(crate) enum Buffers<'a> {
         /// One merged state per row.
         states: &'a [RowState],
     },
+}
+
+/// The logits of a [`Buffers::PieceExps`] call and where the exps go.
+pub(crate) enum PieceLogits<'a> {
+    /// Logits kept, exps into the second slice.
+    Separate(&'a [f32], &'a mut [f32]),
+    /// Logits overwritten by the exps.
+    InPlace(&'a mut [f32]),
 }
 
 /// Per-row outputs of a batch; lengths already checked.
@@ -315,6 +345,27 @@ pub(crate) fn run<V: RowKernels>(
                 &mut record,
             );
         }
+        Buffers::Finish { states } => {
+            for (row, state) in states.iter().enumerate() {
+                let result = match job.row_target(&targets, row) {
+                    Some(target) => {
+                        row_result(job, &state.stats, target, state.target_logit, false, None)
+                    }
+                    None => RowResult::default(),
+                };
+                record(row, result);
+            }
+        }
+        pieces => run_pieces::<V>(job, &targets, pieces),
+    }
+    totals
+}
+
+/// The piece calls of [`run`] (no per-row outputs).
+#[inline(always)]
+fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buffers<'_>) {
+    let targets = *targets;
+    match buffers {
         Buffers::PieceStates {
             logits,
             piece,
@@ -330,17 +381,6 @@ pub(crate) fn run<V: RowKernels>(
                 }
             }
         },
-        Buffers::Finish { states } => {
-            for (row, state) in states.iter().enumerate() {
-                let result = match job.row_target(&targets, row) {
-                    Some(target) => {
-                        row_result(job, &state.stats, target, state.target_logit, false, None)
-                    }
-                    None => RowResult::default(),
-                };
-                record(row, result);
-            }
-        }
         Buffers::PieceGradient {
             logits,
             grad,
@@ -353,7 +393,7 @@ pub(crate) fn run<V: RowKernels>(
                     grad,
                     width,
                 };
-                piece_gradients::<V>(job, &targets, rows, piece, states);
+                piece_gradients::<V>(job, &targets, rows, piece, states, None);
             }
         }
         Buffers::PieceGradientInPlace {
@@ -363,11 +403,35 @@ pub(crate) fn run<V: RowKernels>(
         } => {
             if let Some(width) = NonZeroUsize::new(piece.width) {
                 let rows = Rows::InPlace { logits, width };
-                piece_gradients::<V>(job, &targets, rows, piece, states);
+                piece_gradients::<V>(job, &targets, rows, piece, states, None);
             }
         }
+        Buffers::PieceExps {
+            logits,
+            piece,
+            states,
+        } => {
+            piece_exps_rows::<V>(job, &targets, logits, piece, states);
+        }
+        Buffers::PieceScale {
+            exps,
+            piece,
+            own,
+            merged,
+        } => {
+            if let Some(width) = NonZeroUsize::new(piece.width) {
+                let rows = Rows::InPlace {
+                    logits: exps,
+                    width,
+                };
+                piece_gradients::<V>(job, &targets, rows, piece, merged, Some(own));
+            }
+        }
+        Buffers::Forward { .. }
+        | Buffers::Separate { .. }
+        | Buffers::InPlace { .. }
+        | Buffers::Finish { .. } => {}
     }
-    totals
 }
 
 /// A backend's row kernels, each compiled once, out of line, with the backend's target features
@@ -390,8 +454,16 @@ pub(crate) trait RowKernels: Vector {
         piece: Piece,
         target: Option<RowTarget<'_>>,
         state: &RowState,
+        own: Option<&RowState>,
         row: usize,
     );
+    /// [`piece_exps`] for this backend.
+    fn piece_exps(
+        job: &Job<'_>,
+        io: Io<'_>,
+        piece: Piece,
+        target: Option<RowTarget<'_>>,
+    ) -> RowState;
 }
 
 /// The rows of a gradient call as [`Io`]s, whichever the buffer layout: one loop, so the row
@@ -461,6 +533,32 @@ fn gradient_rows<V: RowKernels>(
     }
 }
 
+/// The states of one piece of every row, storing its exps.
+#[inline(always)]
+fn piece_exps_rows<V: RowKernels>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    logits: PieceLogits<'_>,
+    piece: Piece,
+    states: &mut [RowState],
+) {
+    let Some(width) = NonZeroUsize::new(piece.width) else {
+        states.fill(RowState::EMPTY);
+        return;
+    };
+    let rows = match logits {
+        PieceLogits::Separate(logits, grad) => Rows::Separate {
+            logits,
+            grad,
+            width,
+        },
+        PieceLogits::InPlace(logits) => Rows::InPlace { logits, width },
+    };
+    for (row, (io, state)) in rows.zip(states.iter_mut()).enumerate() {
+        *state = V::piece_exps(job, io, piece, job.row_target(targets, row));
+    }
+}
+
 /// The gradient of one piece of every row.
 #[inline(always)]
 fn piece_gradients<V: RowKernels>(
@@ -469,10 +567,12 @@ fn piece_gradients<V: RowKernels>(
     rows: Rows<'_>,
     piece: Piece,
     states: &[RowState],
+    own: Option<&[RowState]>,
 ) {
     for (row, (io, state)) in rows.zip(states).enumerate() {
         let target = job.row_target(targets, row);
-        V::piece_gradient(job, io, piece, target, state, row);
+        let own = own.and_then(|own| own.get(row));
+        V::piece_gradient(job, io, piece, target, state, own, row);
     }
 }
 
@@ -499,7 +599,52 @@ fn piece_state<V: RowKernels>(job: &Job<'_>, z: &[f32], piece: Piece, y: usize) 
     }
 }
 
-/// The gradient of one piece of a row from the row's merged state.
+/// The state of one piece of a row, its exps relative to the piece's own max stored into the
+/// destination of `io` (masked lanes and all-masked pieces hold the marker `-1`; ignored rows
+/// zeros): the first half of the reload strategy of [`gradient_row`].
+#[inline(always)]
+pub(crate) fn piece_exps<V: RowKernels>(
+    job: &Job<'_>,
+    mut io: Io<'_>,
+    piece: Piece,
+    target: Option<RowTarget<'_>>,
+) -> RowState {
+    let Some(RowTarget::Class(y)) = target else {
+        io.fill(0.0);
+        return RowState::EMPTY;
+    };
+    let (aux, mask) = piece_inputs(job, piece);
+    let transform = job.transform;
+    let z = io.src();
+    let target_logit = y
+        .checked_sub(piece.offset)
+        .and_then(|local| z.get(local).copied());
+    let mut mm = MaxMin::<V>::new(mask);
+    fold(z, f32::NEG_INFINITY, &mut mm);
+    let (zmax, zmin) = mm.result();
+    let (m, tmin) = (
+        transform_f32(transform, zmax),
+        transform_f32(transform, zmin),
+    );
+    let stats = if let Some(stats) = degenerate(zmax, m, z, mask, aux) {
+        io.fill(-1.0);
+        stats
+    } else {
+        let lanes = Lanes::new(m, transform, aux, mask);
+        if needs_care(m, tmin) || mask.is_some() {
+            sums_map::<V, true>(&mut io, m, lanes)
+        } else {
+            sums_map::<V, false>(&mut io, m, lanes)
+        }
+    };
+    RowState {
+        stats,
+        target_logit,
+    }
+}
+
+/// The gradient of one piece of a row from the row's merged state: recomputed from the logits,
+/// or, given the piece's `own` state, rescaled from the exps [`piece_exps`] stored.
 #[inline(always)]
 pub(crate) fn piece_gradient<V: RowKernels>(
     job: &Job<'_>,
@@ -507,6 +652,7 @@ pub(crate) fn piece_gradient<V: RowKernels>(
     piece: Piece,
     target: Option<RowTarget<'_>>,
     state: &RowState,
+    own: Option<&RowState>,
     row: usize,
 ) {
     let Some(target) = target else {
@@ -523,6 +669,14 @@ pub(crate) fn piece_gradient<V: RowKernels>(
         aux,
         mask,
     };
+    // The stored exps are relative to the piece's max: rebased to the row's by one factor.
+    let stored = own.map(|own| {
+        if own.stats.allowed == 0 {
+            0.0
+        } else {
+            libm::exp(f64::from(own.stats.max) - f64::from(state.stats.max))
+        }
+    });
     write_gradient::<V>(
         job,
         &mut io,
@@ -532,7 +686,7 @@ pub(crate) fn piece_gradient<V: RowKernels>(
         false,
         None,
         row,
-        false,
+        stored,
         piece,
     );
 }
@@ -1670,7 +1824,7 @@ pub(crate) fn gradient_row<V: RowKernels>(
         soft_correct,
         rest,
         row,
-        reload,
+        reload.then_some(1.0),
         piece,
     )
 }
@@ -1687,8 +1841,8 @@ struct PieceInputs<'a> {
 }
 
 /// The gradient of a (piece of a) row from the statistics of the whole row: the last pass over
-/// the stored exps (`stored_exps`) or a recomputing pass over the logits, then the target's own
-/// element in f64.
+/// the stored exps (`stored_exps`, the factor that rebases them to the row's max) or a
+/// recomputing pass over the logits, then the target's own element in f64.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn write_gradient<V: Vector>(
@@ -1700,7 +1854,7 @@ fn write_gradient<V: Vector>(
     soft_correct: bool,
     rest: Option<f64>,
     row: usize,
-    stored_exps: bool,
+    stored_exps: Option<f64>,
     piece: PieceInputs<'_>,
 ) -> RowResult {
     let transform = job.transform;
@@ -1730,15 +1884,16 @@ fn write_gradient<V: Vector>(
     } else {
         coef.a
     };
+    let a = scale * a_grad / stats.sum_exp * stored_exps.unwrap_or(1.0);
     let grad = GradLanes {
-        a: V::splat((scale * a_grad / stats.sum_exp) as f32),
+        a: V::splat(a as f32),
         b: V::splat((-scale * coef.d) as f32),
         c: V::splat((-scale * coef.c) as f32),
     };
     let (aux, mask) = (piece.aux, piece.mask);
     // Some class of the full row is masked: this piece may hold it.
     let masked = stats.allowed < job.classes.get() as u64;
-    if stored_exps {
+    if stored_exps.is_some() {
         if masked {
             io.map_out(0.0, &mut Scale::<V, true> { grad, aux });
         } else {

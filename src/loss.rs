@@ -3,7 +3,7 @@
 use core::num::NonZeroUsize;
 
 use crate::arch::{self, Backend};
-use crate::kernel::{Buffers, Job, Outputs, Totals, Transform, Weights};
+use crate::kernel::{Buffers, Job, Outputs, PieceLogits, Totals, Transform, Weights};
 use crate::shard::{Piece, RowState};
 use crate::{Error, Targets};
 
@@ -947,6 +947,191 @@ impl<'a> CrossEntropy<'a> {
             outputs(&mut [], Extras::default()),
         )
         .map(|_| ())
+    }
+
+    /// Step 1 of a split row, keeping the exps: as [`piece_states`](Self::piece_states), and
+    /// each row's `exp(t - m_piece)` (relative to the piece's own max) stored into `exps`
+    /// (`[N, piece.width]`, typically the piece's gradient buffer). After the merge,
+    /// [`piece_backward_from_exps`](Self::piece_backward_from_exps) turns them into the gradient
+    /// with one multiply-add per element: one exp per logit for the whole split row, as in the
+    /// unsplit calls, instead of two with [`piece_states`](Self::piece_states) followed by
+    /// [`piece_backward`](Self::piece_backward). Keep this call's `states` (the piece's own) for
+    /// that step, besides merging them.
+    ///
+    /// The exps buffer holds implementation-defined values between the two steps (masked classes
+    /// hold a marker). For pieces of more than about 2^17 classes, the two-exp calls move fewer
+    /// bytes and are faster (see `BENCHMARKS.md`).
+    ///
+    /// # Errors
+    ///
+    /// As [`piece_backward`](Self::piece_backward) (with `exps` in the place of `grad`), and
+    /// [`Error::Unsupported`] with a soft-cap, whose gradient needs the logits.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Extras, Piece, RowState, Smoothing};
+    ///
+    /// let ce = CrossEntropy::new(5).smoothing(Smoothing::OffTarget(0.2));
+    /// let row = [0.5_f32, -1.0, 2.0, 0.0, 1.5];
+    /// let targets = [3_u32];
+    /// let pieces = [Piece { offset: 0, width: 2 }, Piece { offset: 2, width: 3 }];
+    /// let mut grad = [0.0_f32; 5];
+    /// let (left, right) = grad.split_at_mut(2);
+    /// // Step 1: each piece's own state, its exps kept in its part of the gradient.
+    /// let mut own = [[RowState::EMPTY]; 2];
+    /// ce.piece_states_and_exps(&row[..2], pieces[0], &targets, &mut own[0], left)?;
+    /// ce.piece_states_and_exps(&row[2..], pieces[1], &targets, &mut own[1], right)?;
+    /// // Step 2: merge (an all-reduce when the pieces live on different devices).
+    /// let merged = [own[0][0].merge(own[1][0])];
+    /// // Step 3: the loss, and each piece's gradient from its exps.
+    /// let mut losses = [0.0_f32];
+    /// let split = ce.finish_states(&merged, &targets, &mut losses, Extras::default())?;
+    /// ce.piece_backward_from_exps(left, pieces[0], &targets, &own[0], &merged)?;
+    /// ce.piece_backward_from_exps(right, pieces[1], &targets, &own[1], &merged)?;
+    ///
+    /// let mut full = [0.0_f32; 5];
+    /// let whole = ce.forward_backward(&row, &targets, &mut [0.0], &mut full)?;
+    /// assert!((split.loss - whole).abs() < 1e-6);
+    /// assert!(grad.iter().zip(&full).all(|(a, b)| (a - b).abs() < 1e-6));
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn piece_states_and_exps<'t>(
+        &self,
+        logits: &[f32],
+        piece: Piece,
+        targets: impl Into<Targets<'t>>,
+        states: &mut [RowState],
+        exps: &mut [f32],
+    ) -> Result<(), Error> {
+        let targets = targets.into();
+        let plan = self.plan_piece(logits.len(), piece, targets, states.len(), Some(exps.len()))?;
+        self.reject_softcap()?;
+        self.execute(
+            &plan,
+            targets,
+            Buffers::PieceExps {
+                logits: PieceLogits::Separate(logits, exps),
+                piece,
+                states,
+            },
+            outputs(&mut [], Extras::default()),
+        )
+        .map(|_| ())
+    }
+
+    /// As [`piece_states_and_exps`](Self::piece_states_and_exps), storing the exps over the
+    /// piece's logits (which the target's logit, kept in its state, is no longer needed from).
+    ///
+    /// # Errors
+    ///
+    /// As [`piece_states_and_exps`](Self::piece_states_and_exps). Nothing is written then.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Piece, RowState};
+    /// let ce = CrossEntropy::new(2);
+    /// let whole = Piece { offset: 0, width: 2 };
+    /// let mut buf = [0.0_f32, 0.0];
+    /// let mut own = [RowState::EMPTY];
+    /// ce.piece_states_and_exps_in_place(&mut buf, whole, &[0_u32], &mut own)?;
+    /// let merged = own; // a single piece
+    /// ce.piece_backward_from_exps(&mut buf, whole, &[0_u32], &own, &merged)?;
+    /// assert_eq!(buf, [-0.5, 0.5]);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn piece_states_and_exps_in_place<'t>(
+        &self,
+        logits: &mut [f32],
+        piece: Piece,
+        targets: impl Into<Targets<'t>>,
+        states: &mut [RowState],
+    ) -> Result<(), Error> {
+        let targets = targets.into();
+        let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
+        self.reject_softcap()?;
+        self.execute(
+            &plan,
+            targets,
+            Buffers::PieceExps {
+                logits: PieceLogits::InPlace(logits),
+                piece,
+                states,
+            },
+            outputs(&mut [], Extras::default()),
+        )
+        .map(|_| ())
+    }
+
+    /// Step 3 of a split row from stored exps: overwrites the exps that
+    /// [`piece_states_and_exps`](Self::piece_states_and_exps) (or its in-place form) stored for
+    /// piece `piece` with the piece's gradient, given the piece's own states `own` from that call
+    /// and the rows' merged states. Equal, within the crate's tolerance, to
+    /// [`piece_backward`](Self::piece_backward).
+    ///
+    /// # Errors
+    ///
+    /// As [`piece_states`](Self::piece_states) (with `exps` in the place of the logits and
+    /// `merged` of the states), [`Error::LossesLength`] when `own` has another length than
+    /// `merged`, [`Error::StateMismatch`] when a row's own state cannot be part of its merged
+    /// state, and [`Error::Unsupported`] with a soft-cap. Nothing is written then.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Error, Piece, RowState};
+    /// let ce = CrossEntropy::new(3);
+    /// let whole = Piece { offset: 0, width: 3 };
+    /// let mut buf = [1.0_f32, 2.0, 3.0];
+    /// let mut own = [RowState::EMPTY];
+    /// ce.piece_states_and_exps_in_place(&mut buf, whole, &[2_u32], &mut own)?;
+    /// // The merged state must contain the piece's own.
+    /// let err = ce.piece_backward_from_exps(&mut buf, whole, &[2_u32], &own, &[RowState::EMPTY]);
+    /// assert_eq!(err, Err(Error::StateMismatch { row: 0 }));
+    /// ce.piece_backward_from_exps(&mut buf, whole, &[2_u32], &own, &own)?;
+    /// assert!(buf.iter().sum::<f32>().abs() < 1e-6);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    pub fn piece_backward_from_exps<'t>(
+        &self,
+        exps: &mut [f32],
+        piece: Piece,
+        targets: impl Into<Targets<'t>>,
+        own: &[RowState],
+        merged: &[RowState],
+    ) -> Result<(), Error> {
+        let targets = targets.into();
+        let plan = self.plan_piece(exps.len(), piece, targets, merged.len(), None)?;
+        self.reject_softcap()?;
+        if own.len() != merged.len() {
+            return Err(Error::LossesLength {
+                expected: merged.len(),
+                actual: own.len(),
+            });
+        }
+        if let Some(row) = own
+            .iter()
+            .zip(merged)
+            .position(|(own, merged)| !own.is_part_of(merged))
+        {
+            return Err(Error::StateMismatch { row });
+        }
+        self.execute(
+            &plan,
+            targets,
+            Buffers::PieceScale {
+                exps,
+                piece,
+                own,
+                merged,
+            },
+            outputs(&mut [], Extras::default()),
+        )
+        .map(|_| ())
+    }
+
+    fn reject_softcap(&self) -> Result<(), Error> {
+        if self.softcap.is_some() {
+            return Err(Error::Unsupported {
+                what: "a soft-cap with stored piece exps (use piece_states and piece_backward)",
+            });
+        }
+        Ok(())
     }
 
     /// Runs a checked call on the configured backend (selected, or refused, before anything is

@@ -105,6 +105,16 @@ impl RowState {
         }
     }
 
+    /// Whether this state can be one piece's part of `merged`: a valid piece state has no more
+    /// allowed classes and no greater max than the merge it is part of (an invalid merge
+    /// contains anything).
+    pub(crate) fn is_part_of(&self, merged: &RowState) -> bool {
+        merged.stats.invalid
+            || (!self.stats.invalid
+                && self.stats.allowed <= merged.stats.allowed
+                && (self.stats.allowed == 0 || self.stats.max <= merged.stats.max))
+    }
+
     /// The log-sum-exp of the (scaled, soft-capped) logits seen so far; `-inf` for an empty
     /// state, NaN if a NaN or `+inf` was seen.
     ///

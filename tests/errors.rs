@@ -320,6 +320,7 @@ fn display_names_the_values() {
             },
             "Avx512",
         ),
+        (Error::StateMismatch { row: 31 }, "31"),
     ];
     for (err, needle) in shown {
         let text = err.to_string();

@@ -298,6 +298,100 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
                 }
             }
         }
+        if c.softcap.is_none() {
+            check_stored_exps(
+                c,
+                &ce,
+                &pieces,
+                whole_losses.as_slice(),
+                &whole_grad,
+                grad_tol,
+            )
+            .map_err(|e| TestCaseError::fail(format!("{backend:?}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The one-exp path: `piece_states_and_exps` (out of place and in place, which must agree
+/// bit for bit), merged in a random order, then `piece_backward_from_exps`, against the unsplit
+/// losses and gradient.
+fn check_stored_exps(
+    c: &Case,
+    ce: &CrossEntropy<'_>,
+    pieces: &[Piece],
+    whole_losses: &[f32],
+    whole_grad: &[f32],
+    grad_tol: f64,
+) -> Result<(), String> {
+    let n = c.targets.len();
+    let k = c.classes;
+    let targets = Targets::I64(&c.targets);
+    let loss_tol = 2.0 * reference::LOSS_TOLERANCE;
+    let mut own: Vec<Vec<RowState>> = Vec::new();
+    let mut kept: Vec<Vec<f32>> = Vec::new();
+    for &p in pieces {
+        let logits = slice(c, p);
+        let mut states = vec![RowState::EMPTY; n];
+        // Whatever the buffer held before must not matter.
+        let mut exps = vec![f32::NAN; logits.len()];
+        ce.piece_states_and_exps(&logits, p, targets, &mut states, &mut exps)
+            .map_err(|e| e.to_string())?;
+        let mut in_place = logits.clone();
+        let mut states_in_place = vec![RowState::EMPTY; n];
+        ce.piece_states_and_exps_in_place(&mut in_place, p, targets, &mut states_in_place)
+            .map_err(|e| e.to_string())?;
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        if !same(&exps, &in_place) {
+            return Err(format!("piece {p:?}: exps in place differ"));
+        }
+        let words = |s: &[RowState]| -> Vec<u64> {
+            s.iter()
+                .flat_map(|s| s.to_words().map(f64::to_bits))
+                .collect()
+        };
+        if words(&states) != words(&states_in_place) {
+            return Err(format!("piece {p:?}: states in place differ"));
+        }
+        own.push(states);
+        kept.push(exps);
+    }
+    let merged: Vec<RowState> = (0..n)
+        .map(|row| {
+            merge_shuffled(
+                own.iter().map(|s| s[row]).collect(),
+                c.order_seed.rotate_left(17) ^ row as u64,
+            )
+        })
+        .collect();
+    let mut losses = vec![0.0_f32; n];
+    ce.finish_states(&merged, targets, &mut losses, Extras::default())
+        .map_err(|e| e.to_string())?;
+    for row in 0..n {
+        if !reference::agrees(losses[row], f64::from(whole_losses[row]), loss_tol) {
+            return Err(format!(
+                "row {row}: loss from stored-exp states {} unsplit {}",
+                losses[row], whole_losses[row]
+            ));
+        }
+    }
+    for ((&p, exps), own) in pieces.iter().zip(&mut kept).zip(&own) {
+        ce.piece_backward_from_exps(exps, p, targets, own, &merged)
+            .map_err(|e| e.to_string())?;
+        for row in 0..n {
+            for j in 0..p.width {
+                let got = exps[row * p.width + j];
+                let want = whole_grad[row * k + p.offset + j];
+                let ok = (got.is_nan() && want.is_nan())
+                    || (f64::from(got) - f64::from(want)).abs() <= grad_tol;
+                if !ok {
+                    return Err(format!(
+                        "piece {p:?} row {row} class {}: {got} from exps, unsplit {want}",
+                        p.offset + j
+                    ));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -381,6 +475,95 @@ fn pieces_must_fit_and_soft_targets_are_refused() {
         }
     );
     assert_eq!(grad, [7.0, 7.0]);
+}
+
+/// The stored-exp calls refuse a soft-cap, own states of the wrong length or that cannot be part
+/// of the merged ones, and a wrong exps length, writing nothing.
+#[test]
+fn stored_exps_refuse_what_they_cannot_do() {
+    let whole = Piece {
+        offset: 0,
+        width: 3,
+    };
+    let logits = [1.0_f32, 2.0, 3.0];
+    let capped = CrossEntropy::new(3).softcap(5.0);
+    let mut states = [RowState::EMPTY];
+    let mut exps = [7.0_f32; 3];
+    let err = capped
+        .piece_states_and_exps(&logits, whole, &[0_u32], &mut states, &mut exps)
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    let mut buf = logits;
+    let err = capped
+        .piece_states_and_exps_in_place(&mut buf, whole, &[0_u32], &mut states)
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    assert_eq!((exps, buf, states), ([7.0; 3], logits, [RowState::EMPTY]));
+
+    let ce = CrossEntropy::new(3);
+    let err = ce
+        .piece_states_and_exps(&logits, whole, &[0_u32], &mut states, &mut exps[..2])
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::GradLength {
+            expected: 3,
+            actual: 2
+        }
+    );
+    let left = Piece {
+        offset: 0,
+        width: 2,
+    };
+    let right = Piece {
+        offset: 2,
+        width: 1,
+    };
+    let mut own_left = [RowState::EMPTY];
+    let mut own_right = [RowState::EMPTY];
+    let mut exps_left = [0.0_f32; 2];
+    let mut exps_right = [0.0_f32; 1];
+    ce.piece_states_and_exps(&logits[..2], left, &[0_u32], &mut own_left, &mut exps_left)
+        .unwrap();
+    ce.piece_states_and_exps(
+        &logits[2..],
+        right,
+        &[0_u32],
+        &mut own_right,
+        &mut exps_right,
+    )
+    .unwrap();
+    let merged = [own_left[0].merge(own_right[0])];
+    let before = exps_left;
+    // The right piece's state (max 3) is not part of the left piece's alone (max 2).
+    let err = ce
+        .piece_backward_from_exps(&mut exps_left, left, &[0_u32], &merged, &own_left)
+        .unwrap_err();
+    assert_eq!(err, Error::StateMismatch { row: 0 });
+    let err = ce
+        .piece_backward_from_exps(&mut exps_left, left, &[0_u32], &[], &merged)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::LossesLength {
+            expected: 1,
+            actual: 0
+        }
+    );
+    assert_eq!(exps_left, before);
+    // And with the right states, the gradient.
+    ce.piece_backward_from_exps(&mut exps_left, left, &[0_u32], &own_left, &merged)
+        .unwrap();
+    ce.piece_backward_from_exps(&mut exps_right, right, &[0_u32], &own_right, &merged)
+        .unwrap();
+    let mut full = [0.0_f32; 3];
+    ce.forward_backward(&logits, &[0_u32], &mut [0.0], &mut full)
+        .unwrap();
+    let split = [exps_left[0], exps_left[1], exps_right[0]];
+    assert!(
+        split.iter().zip(&full).all(|(a, b)| (a - b).abs() < 1e-6),
+        "{split:?} vs {full:?}"
+    );
 }
 
 #[test]

@@ -9,106 +9,47 @@ use crate::Targets;
 /// kernel becomes one out-of-line function compiled with the backend's target features (none for
 /// the portable backend).
 macro_rules! row_kernels {
-    ($v:ty) => {
-        impl $crate::kernel::RowKernels for $v {
-            #[inline(never)]
-            fn stats(
-                z: &[f32],
-                transform: $crate::kernel::Transform,
-                aux: Option<&[f32]>,
-                mask: Option<&[bool]>,
-            ) -> $crate::kernel::Stats {
-                $crate::kernel::stats_inline::<$v>(z, transform, aux, mask)
-            }
-            #[inline(never)]
-            fn gradient_row(
-                job: &$crate::kernel::Job<'_>,
-                io: $crate::kernel::Io<'_>,
-                target: Option<$crate::kernel::RowTarget<'_>>,
-                row: usize,
-            ) -> $crate::kernel::RowResult {
-                $crate::kernel::gradient_row::<$v>(job, io, target, row)
-            }
-            #[inline(never)]
-            fn piece_gradient(
-                job: &$crate::kernel::Job<'_>,
-                io: $crate::kernel::Io<'_>,
-                piece: $crate::shard::Piece,
-                target: Option<$crate::kernel::RowTarget<'_>>,
-                state: &$crate::shard::RowState,
-                row: usize,
-            ) {
-                $crate::kernel::piece_gradient::<$v>(job, io, piece, target, state, row);
-            }
+    // The portable backend: an out-of-line call.
+    (@fn () $name:ident = $body:path, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[inline(never)]
+        fn $name($($arg: $ty),*) -> $ret {
+            $body($($arg),*)
         }
     };
-    ($v:ty, $features:literal) => {
-        // SAFETY (every `unsafe` call below): the vector type is private to its backend module and
-        // its values only exist inside that backend's `run`, a function with the same target
-        // features that `arch::select` hands out only after detecting them; these functions are
-        // only reached from there.
+    // An x86 backend: an out-of-line function with the backend's target features.
+    (@fn ($features:literal) $name:ident = $body:path, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[inline]
+        fn $name($($arg: $ty),*) -> $ret {
+            #[target_feature(enable = $features)]
+            fn inner($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            // SAFETY: see the impl comment.
+            unsafe { inner($($arg),*) }
+        }
+    };
+    ($v:ty $(, $features:literal)?) => {
+        // SAFETY (every `unsafe` call the arms below generate): the vector type is private to its
+        // backend module and its values only exist inside that backend's `run`, a function with
+        // the same target features that `arch::select` hands out only after detecting them;
+        // these functions are only reached from there.
         impl $crate::kernel::RowKernels for $v {
-            #[inline]
-            fn stats(
-                z: &[f32],
-                transform: $crate::kernel::Transform,
-                aux: Option<&[f32]>,
-                mask: Option<&[bool]>,
-            ) -> $crate::kernel::Stats {
-                #[target_feature(enable = $features)]
-                fn inner(
-                    z: &[f32],
-                    transform: $crate::kernel::Transform,
-                    aux: Option<&[f32]>,
-                    mask: Option<&[bool]>,
-                ) -> $crate::kernel::Stats {
-                    $crate::kernel::stats_inline::<$v>(z, transform, aux, mask)
-                }
-                // SAFETY: see the impl comment.
-                unsafe { inner(z, transform, aux, mask) }
-            }
-            #[inline]
-            fn gradient_row(
-                job: &$crate::kernel::Job<'_>,
-                io: $crate::kernel::Io<'_>,
-                target: Option<$crate::kernel::RowTarget<'_>>,
-                row: usize,
-            ) -> $crate::kernel::RowResult {
-                #[target_feature(enable = $features)]
-                fn inner(
-                    job: &$crate::kernel::Job<'_>,
-                    io: $crate::kernel::Io<'_>,
-                    target: Option<$crate::kernel::RowTarget<'_>>,
-                    row: usize,
-                ) -> $crate::kernel::RowResult {
-                    $crate::kernel::gradient_row::<$v>(job, io, target, row)
-                }
-                // SAFETY: see the impl comment.
-                unsafe { inner(job, io, target, row) }
-            }
-            #[inline]
-            fn piece_gradient(
-                job: &$crate::kernel::Job<'_>,
-                io: $crate::kernel::Io<'_>,
-                piece: $crate::shard::Piece,
-                target: Option<$crate::kernel::RowTarget<'_>>,
-                state: &$crate::shard::RowState,
-                row: usize,
-            ) {
-                #[target_feature(enable = $features)]
-                fn inner(
-                    job: &$crate::kernel::Job<'_>,
-                    io: $crate::kernel::Io<'_>,
-                    piece: $crate::shard::Piece,
-                    target: Option<$crate::kernel::RowTarget<'_>>,
-                    state: &$crate::shard::RowState,
-                    row: usize,
-                ) {
-                    $crate::kernel::piece_gradient::<$v>(job, io, piece, target, state, row);
-                }
-                // SAFETY: see the impl comment.
-                unsafe { inner(job, io, piece, target, state, row) }
-            }
+            row_kernels!(@fn ($($features)?) stats = $crate::kernel::stats_inline::<$v>,
+                (z: &[f32], transform: $crate::kernel::Transform, aux: Option<&[f32]>,
+                 mask: Option<&[bool]>) -> $crate::kernel::Stats);
+            row_kernels!(@fn ($($features)?) gradient_row = $crate::kernel::gradient_row::<$v>,
+                (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
+                 target: Option<$crate::kernel::RowTarget<'_>>, row: usize)
+                -> $crate::kernel::RowResult);
+            row_kernels!(@fn ($($features)?) piece_gradient = $crate::kernel::piece_gradient::<$v>,
+                (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
+                 piece: $crate::shard::Piece, target: Option<$crate::kernel::RowTarget<'_>>,
+                 state: &$crate::shard::RowState, own: Option<&$crate::shard::RowState>,
+                 row: usize) -> ());
+            row_kernels!(@fn ($($features)?) piece_exps = $crate::kernel::piece_exps::<$v>,
+                (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
+                 piece: $crate::shard::Piece, target: Option<$crate::kernel::RowTarget<'_>>)
+                -> $crate::shard::RowState);
         }
     };
 }
