@@ -41,6 +41,11 @@
 //!   `piece_backward_from_exps` of every block.
 //! - `fb/pieces8_exps_in_place`: the same with `piece_states_and_exps_in_place`, refilled like
 //!   `fb/pieces8_in_place`.
+//! - `fb/pieces8_exps_tiled`: `fb/pieces8_exps` done tile by tile, each tile of rows going
+//!   through all three steps before the next (with `mean_denominator(N)`, so that the tiles'
+//!   losses add up), a tile being as many rows as keep its logits and exps within 1 MiB (4 rows of
+//!   32000, 1 of 128256): the order a caller streaming chunks on one device can choose, which
+//!   keeps the exps in L2 until the backward step reads them.
 //! - `fb/unsplit_in_place`: `forward_backward_in_place`, refilled the same way: the yardstick of
 //!   the two in-place split calls.
 //!
@@ -698,6 +703,61 @@ fn pieces(c: &mut Criterion) {
     }
 }
 
+/// Rows per tile of `fb/pieces8_exps_tiled`: as many as keep a tile's logits and exps (8 bytes
+/// per class) within 1 MiB, half this machine's L2, so that the exps are still cached when the
+/// tile's backward step reads them.
+fn tile_rows(classes: usize) -> usize {
+    ((1 << 20) / (8 * classes)).max(1)
+}
+
+/// The one-exp path over tiles of `tile` rows, as a caller that streams chunks on one device can
+/// order it: for each tile, every piece's states and exps (into its block of `grad`), the merge,
+/// the losses and every piece's gradient. `ce` has `mean_denominator(N)`, so the tiles' `Mean`
+/// losses add up to the batch's. Returns the batch's loss.
+fn tiled_exps(
+    split: &mut Split,
+    ce: &CrossEntropy,
+    logits: &[f32],
+    targets: &[u32],
+    grad: &mut [f32],
+    tile: usize,
+) -> Result<f32, Error> {
+    let rows = targets.len();
+    let mut loss = 0.0;
+    for r0 in (0..rows).step_by(tile) {
+        let r1 = (r0 + tile).min(rows);
+        let t = &targets[r0..r1];
+        let sub = |piece: Piece| {
+            let start = block(rows, piece).start;
+            start + r0 * piece.width..start + r1 * piece.width
+        };
+        for (&piece, states) in split.pieces.iter().zip(&mut split.states) {
+            let range = sub(piece);
+            ce.piece_states_and_exps(
+                &logits[range.clone()],
+                piece,
+                t,
+                &mut states[r0..r1],
+                &mut grad[range],
+            )?;
+        }
+        for row in r0..r1 {
+            split.merged[row] = split
+                .states
+                .iter()
+                .fold(RowState::EMPTY, |m, s| m.merge(s[row]));
+        }
+        let merged = &split.merged[r0..r1];
+        loss += ce
+            .finish_states(merged, t, &mut split.losses[r0..r1], Extras::default())?
+            .loss;
+        for (&piece, own) in split.pieces.iter().zip(&split.states) {
+            ce.piece_backward_from_exps(&mut grad[sub(piece)], piece, t, &own[r0..r1], merged)?;
+        }
+    }
+    Ok(loss)
+}
+
 /// The unsplit call's loss and gradient, which every split call must reproduce.
 type Unsplit<'a> = (f32, &'a [f32]);
 
@@ -820,6 +880,39 @@ fn split_exp_benches(
             black_box(loss)
         });
     });
+
+    if count == PIECES {
+        let tile = tile_rows(classes);
+        let ce = ce.mean_denominator(targets.len() as f32);
+        let loss = tiled_exps(split, &ce, split_logits, targets, &mut split_grad, tile)
+            .expect("valid arguments");
+        check_split(
+            split,
+            classes,
+            loss,
+            &split_grad,
+            unsplit_loss,
+            unsplit_grad,
+        );
+        group.bench_function(
+            BenchmarkId::new("fb", format!("pieces{count}_exps_tiled")),
+            |b| {
+                b.iter(|| {
+                    let loss = tiled_exps(
+                        split,
+                        &ce,
+                        black_box(split_logits),
+                        targets,
+                        &mut split_grad,
+                        tile,
+                    )
+                    .expect("valid arguments");
+                    black_box(split_grad.as_mut_slice());
+                    black_box(loss)
+                });
+            },
+        );
+    }
 
     if count == PIECES {
         let mut work = split_logits.to_vec();

@@ -27,7 +27,7 @@
 //! # Architecture
 //!
 //! - [`CrossEntropy`] (the public API) checks the arguments and hands the batch to a backend.
-//! - [`reference`] is the scalar f64 oracle the kernels are tested against; it is public so that
+//! - [`reference`](mod@reference) is the scalar f64 oracle the kernels are tested against; it is public so that
 //!   users can check the kernels too.
 //! - The algorithm is written once, generic over a crate-private vector trait, and instantiated by
 //!   each [`Backend`]: portable `wide` (SSE2, NEON, wasm simd128, scalar on microcontrollers),
@@ -43,7 +43,7 @@
 //! # Numerical contract
 //!
 //! See [`CrossEntropy`]: finite logits never give NaN, `-inf` logits are masked classes, NaN and
-//! `+inf` make their own row NaN and nothing else, and results match the [`reference`] within
+//! `+inf` make their own row NaN and nothing else, and results match the [`reference`](mod@reference) within
 //! `2e-6` (relative for losses of magnitude above 1, absolute otherwise and for gradients).
 
 #![no_std]

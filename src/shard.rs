@@ -16,10 +16,27 @@
 //!    merged states; [`CrossEntropy::piece_backward`] (or `_in_place`) writes the gradient of one
 //!    piece from the merged states, with no further communication.
 //!
+//! Steps 1 and 3 come in two forms:
+//!
+//! - **Keeping the logits** ([`piece_states`](CrossEntropy::piece_states), then
+//!   [`piece_backward`](CrossEntropy::piece_backward) or `_in_place`): step 3 recomputes every exp
+//!   from the logits. For streamed chunks that are not kept (recompute the chunk in the second
+//!   sweep, as `examples/streaming.rs` does), for pieces of more than about 2^17 classes, where
+//!   re-reading the logits moves fewer bytes than storing exps, and with a soft-cap.
+//! - **Keeping the exps** ([`piece_states_and_exps`](CrossEntropy::piece_states_and_exps), or
+//!   `_in_place`, then [`piece_backward_from_exps`](CrossEntropy::piece_backward_from_exps)):
+//!   step 1 also stores each piece's `exp(t - m_piece)` in the piece's gradient buffer (or over its
+//!   logits), and step 3 rescales them by `exp(m_piece - m) / s`, given the piece's own states
+//!   besides the merged ones: one exp per logit, as in the unsplit calls. The faster form when the
+//!   pieces are held anyway (tensor-parallel shards). On one device, going through all three steps
+//!   a tile of rows at a time (tiles whose logits and exps fit in L2; use
+//!   [`mean_denominator`](CrossEntropy::mean_denominator) so that the tiles' losses add up) keeps
+//!   the exps cached until step 3 reads them. `BENCHMARKS.md` has the figures.
+//!
 //! The smoothing always uses the global number of classes `K` (and the global count of allowed
 //! classes when some are masked), never the piece's: Megatron-LM's local-`K` bug cannot happen.
 //! Every option of [`CrossEntropy`] works in pieces except soft targets (an
-//! [`Error::Unsupported`]). Two limits: the piece gradients take no per-row upstream scales
+//! [`Error::Unsupported`](crate::Error::Unsupported)). Two limits: the piece gradients take no per-row upstream scales
 //! (`Extras::row_scales`; with [`Reduction::None`](crate::Reduction::None) scale the gradient
 //! rows yourself), and off-target smoothing with `eps > 2/3` on a row whose target logit lies so
 //! far below the others that it swamps them in f32 (`[-1e30, 1, 0, 0.5]`) keeps the cancellation
@@ -53,6 +70,8 @@
 //! ```
 
 use crate::kernel::Stats;
+#[cfg(doc)]
+use crate::CrossEntropy;
 
 /// Where a piece sits in the full rows: classes `offset .. offset + width`.
 ///
