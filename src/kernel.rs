@@ -1116,11 +1116,21 @@ impl<'a, V: Vector> Lanes<'a, V> {
         }
     }
 
+    /// `z` with the lanes of masked classes set to `-inf`: those the class mask disallows, and
+    /// (without a soft-cap) finite logits that the logit scale takes below `-f32::MAX`, which
+    /// count as `-inf` logits.
     #[inline(always)]
     fn masked(&self, offset: usize, z: V) -> V {
-        match self.mask {
+        let z = match self.mask {
             Some(mask) => apply_mask(mask, offset, z),
             None => z,
+        };
+        match (self.scale, self.cap) {
+            (Some(s), None) => {
+                let ninf = V::splat(f32::NEG_INFINITY);
+                z.mul(s).select_eq(ninf, ninf, z)
+            }
+            _ => z,
         }
     }
 }
@@ -1391,7 +1401,8 @@ fn degenerate(
     mask: Option<&[bool]>,
     aux: Option<&[f32]>,
 ) -> Option<Stats> {
-    if max.is_finite() && m != f32::INFINITY {
+    // A finite max scaled below -f32::MAX: every class counts as a -inf logit (masked).
+    if max.is_finite() && m.is_finite() {
         return None;
     }
     // A NaN-dropping max can report -inf for a row of NaN and -inf: look again.
@@ -1486,6 +1497,9 @@ pub(crate) struct Coefficients {
     /// Soft targets: mass on a masked class makes the loss infinite (with class weights the
     /// auxiliary row only weights the smoothing of allowed classes).
     pub soft: bool,
+    /// The target's class weight `w_y` (per-class weights), its share `C w_y` of the weighted
+    /// shifted sum; 0 otherwise.
+    pub target_aux: f64,
 }
 
 impl Coefficients {
@@ -1504,6 +1518,7 @@ impl Coefficients {
                     d: per,
                     row_weight: 1.0,
                     soft: true,
+                    target_aux: 0.0,
                 }
             }
             RowTarget::Class(y) => {
@@ -1519,6 +1534,7 @@ impl Coefficients {
                             d: 0.0,
                             row_weight: 1.0,
                             soft: false,
+                            target_aux: w_y,
                         }
                     }
                     Weights::None | Weights::PerTarget(_) => Coefficients {
@@ -1531,6 +1547,7 @@ impl Coefficients {
                             _ => 1.0,
                         },
                         soft: false,
+                        target_aux: 0.0,
                     },
                 }
             }
@@ -1560,7 +1577,12 @@ impl Coefficients {
         // `(B + D)(m - t_y) - D (S - r_y)` with `r_y` the very f32 value of `t_y - m` that went
         // into `S`. Every term is then >= 0 (B + D = q_y), so nothing cancels even when B < 0
         // (off-target smoothing with eps > (K-1)/K).
+        // Per-class weights, with the exact weighted sum of the other classes (see
+        // `exact_rest`): the target's whole weight `B + C w_y = q_y w_y >= 0` goes on its term
+        // and nothing cancels.
+        let weighted_rest = !self.soft && self.c != 0.0 && rest.is_some() && target_shift.is_some();
         let (b, shifted_sum) = match target_shift {
+            Some(_) if weighted_rest => (self.b + self.c * self.target_aux, stats.shifted_sum),
             Some(r_y) if self.c == 0.0 && !self.soft => {
                 let q_y = self.b + self.d;
                 match rest {
@@ -1574,7 +1596,10 @@ impl Coefficients {
             loss += b * (f64::from(stats.max) - target_t);
         }
         if self.c != 0.0 {
-            loss -= self.c * stats.aux_shifted;
+            match rest {
+                Some(rest) if weighted_rest => loss -= self.c * rest,
+                _ => loss -= self.c * stats.aux_shifted,
+            }
             if self.soft && stats.aux_masked != 0.0 {
                 // Target mass on a masked class: its log-probability is -inf.
                 loss = f64::INFINITY;
@@ -1658,8 +1683,13 @@ fn finish_row(
 
 /// Whether the class with the largest target probability (the first, on ties) attains the max
 /// allowed logit.
-fn soft_correct(t: &[f32], z: &[f32], mask: Option<&[bool]>) -> bool {
-    let allowed = |k: usize| mask.is_none_or(|m| m.get(k).copied().unwrap_or(false));
+fn soft_correct(t: &[f32], z: &[f32], mask: Option<&[bool]>, transform: Transform) -> bool {
+    // Masked classes, and logits the scale takes below -f32::MAX (they count as -inf).
+    let allowed = |k: usize| {
+        mask.is_none_or(|m| m.get(k).copied().unwrap_or(false))
+            && z.get(k)
+                .is_some_and(|&x| transform.scalar(x) != f64::NEG_INFINITY)
+    };
     let mut best: Option<(usize, f32)> = None;
     for (k, &p) in t.iter().enumerate() {
         if best.is_none_or(|(_, b)| p > b) {
@@ -1715,25 +1745,29 @@ fn row_result(
     finish_row(job, stats, target, target_z, soft_correct, rest).0
 }
 
-/// The exact sum of `t_k - m` (in f64, from the logits) over the allowed classes `k != y`, for
-/// the rows that may need it: off-target smoothing with `eps > 2/3`, a class target below the
-/// row max, no per-class weights. There the target's weight in the loss, `q_y = 1 - eps`, can be
-/// below half the weight `D = eps / (K' - 1)` of its share of the shifted sum (`K'` allowed
-/// classes, known only after the pass that may overwrite the logits), and `S - r_y` cancels when
-/// the target's logit lies far below the others (`[-1e30, 1, 0, 0.5]` with target 0): the f32
-/// lane sums lose the other classes' terms next to `r_y`. Where `D <= 2 q_y` the cancellation
-/// costs at most a factor 2 of the ordinary f32 accumulation error and the loss ignores this sum;
-/// since `D <= eps`, that holds for every row below `eps = 2/3`, which never pays for this
-/// scalar pass. `m` is the row's `t` max.
+/// The exact sum of `w_k (t_k - m)` (in f64, from the logits; `w_k` the per-class weight, or 1)
+/// over the allowed classes `k != y`, for the rows that may need it: off-target smoothing with
+/// `eps > 2/3` and a class target below the row max. There the target's weight in the loss,
+/// `q_y = 1 - eps` (times `w_y`), can be below half the weight `D = eps / (K' - 1)` (times `w_y`)
+/// of its share of the shifted sum (`K'` allowed classes, known only after the pass that may
+/// overwrite the logits), and `S - r_y` cancels when the target's logit lies far below the others
+/// (`[-1e30, 1, 0, 0.5]` with target 0): the f32 lane sums lose the other classes' terms next to
+/// `r_y`. Without weights, where `D <= 2 q_y` the cancellation costs at most a factor 2 of the
+/// ordinary f32 accumulation error and the loss ignores this sum; since `D <= eps`, that holds for
+/// every row below `eps = 2/3`, which never pays for this scalar pass. With per-class weights the
+/// loss uses it whenever it is computed. `m` is the row's `t` max.
 fn exact_rest(job: &Job<'_>, z: &[f32], target: RowTarget<'_>, m: f32) -> Option<f64> {
     let RowTarget::Class(y) = target else {
         return None;
     };
-    match (job.smoothing, job.weights) {
-        (_, Weights::PerClass(_)) => return None,
-        (Smoothing::OffTarget(eps), _) if eps > 2.0 / 3.0 => {}
+    match job.smoothing {
+        Smoothing::OffTarget(eps) if eps > 2.0 / 3.0 => {}
         _ => return None,
     }
+    let weight = |k: usize| match job.weights {
+        Weights::PerClass(w) => w.get(k).map_or(f64::NAN, |&v| f64::from(v)),
+        _ => 1.0,
+    };
     let target_below_max = z
         .get(y)
         .is_some_and(|&z_y| (job.transform.scalar(z_y) as f32) < m);
@@ -1747,8 +1781,9 @@ fn exact_rest(job: &Job<'_>, z: &[f32], target: RowTarget<'_>, m: f32) -> Option
     };
     let mut rest = 0.0;
     for (k, &x) in z.iter().enumerate() {
-        if k != y && x != f32::NEG_INFINITY && allowed(k) {
-            rest += job.transform.scalar(x) - m;
+        let t = job.transform.scalar(x);
+        if k != y && t != f64::NEG_INFINITY && allowed(k) {
+            rest += weight(k) * (t - m);
         }
     }
     Some(rest)
@@ -1759,7 +1794,10 @@ fn exact_rest(job: &Job<'_>, z: &[f32], target: RowTarget<'_>, m: f32) -> Option
 fn target_inputs(job: &Job<'_>, target: RowTarget<'_>, z: &[f32]) -> (Option<f32>, bool) {
     match target {
         RowTarget::Class(y) => (z.get(y).copied(), false),
-        RowTarget::Soft(t) => (None, job.want_correct && soft_correct(t, z, job.class_mask)),
+        RowTarget::Soft(t) => (
+            None,
+            job.want_correct && soft_correct(t, z, job.class_mask, job.transform),
+        ),
     }
 }
 
@@ -1921,7 +1959,7 @@ fn write_gradient<V: Vector>(
         let target_allowed = job
             .class_mask
             .is_none_or(|m| m.get(y).copied().unwrap_or(false))
-            && z_y != f32::NEG_INFINITY;
+            && transform.scalar(z_y) != f64::NEG_INFINITY;
         let t_y = if target_allowed {
             transform.scalar(z_y)
         } else {

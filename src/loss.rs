@@ -134,7 +134,9 @@ pub enum Reduction {
 /// - A row holding a NaN or a `+inf` logit gets loss NaN and a gradient row of NaN; other rows are
 ///   unaffected (the reduced value becomes NaN, as in PyTorch). The kernels work in f32 on the
 ///   scaled logits `s z`: a finite logit that [`logit_scale`](Self::logit_scale) takes past
-///   `f32::MAX` counts as `+inf` (its row is NaN). Likewise the gradient's per-row factor
+///   `f32::MAX` counts as `+inf` (its row is NaN), and one it takes below `-f32::MAX` counts as
+///   `-inf` (a masked class, as above; without a soft-cap, which keeps every logit finite).
+///   Likewise the gradient's per-row factor
 ///   `upstream * row_scale * s * (A + 2 lambda lse) / sum exp(t - m)` (`A` the row's target mass,
 ///   about 1 without class weights) is formed in f32: a row where it exceeds `f32::MAX` (z-loss
 ///   or upstream factors on logits near `f32::MAX`) gets NaN in the gradient of its classes of

@@ -179,7 +179,13 @@ fn row_core(
             .mask
             .is_none_or(|m| m.get(k).copied().unwrap_or(false))
     };
-    let allowed = |k: usize, z: f32| mask_allows(k) && z != f32::NEG_INFINITY;
+    // A -inf logit is a masked class, and so is a finite logit that the logit scale takes below
+    // -f32::MAX (it counts as -inf, as one taken past f32::MAX counts as +inf).
+    let allowed = |k: usize, z: f32| {
+        mask_allows(k)
+            && z != f32::NEG_INFINITY
+            && config.transform.scalar(z) as f32 != f32::NEG_INFINITY
+    };
     // NaN or +inf in a class that is read: NaN loss and NaN gradient.
     if logits.iter().enumerate().any(|(k, z)| {
         // A finite logit scaled past f32::MAX counts as +inf, as in the kernels.

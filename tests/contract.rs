@@ -803,3 +803,63 @@ fn more_than_2_24_classes_in_one_row() {
         }
     }
 }
+
+/// A finite logit that `logit_scale` takes below `-f32::MAX` counts as a `-inf` logit, a masked
+/// class (as one taken past `f32::MAX` counts as `+inf`): on every backend and through every
+/// entry point the results are bit for bit those of the same batch with `-inf` in its place, and
+/// agree with the reference. Rows: one class scaled away; the target scaled away (`+inf`); every
+/// class scaled away (`+inf`, zero gradient). A finding of the options fuzzer.
+#[test]
+fn a_logit_scaled_below_f32_min_is_a_masked_class() {
+    let mut rng = Rng::new(0x5ca1e);
+    for k in [3, 17, 100, 4097] {
+        for smoothing in [Smoothing::Uniform(0.1), Smoothing::OffTarget(0.3)] {
+            let ce = CrossEntropy::new(k)
+                .smoothing(smoothing)
+                .logit_scale(4.0)
+                .reduction(Reduction::Sum);
+            let mut scaled = common::random_batch(&mut rng, 3, k, -5.0, 5.0);
+            let targets = [0_u32, 1, (k - 1) as u32];
+            scaled[1] = -3e38;
+            scaled[k - 1] = -1e38;
+            scaled[k + 1] = -1e38;
+            for z in &mut scaled[2 * k..] {
+                *z = -2e38;
+            }
+            let masked: Vec<f32> = scaled
+                .iter()
+                .map(|&z| if z < -1e37 { f32::NEG_INFINITY } else { z })
+                .collect();
+            let mut want_losses = vec![0.0_f32; 3];
+            let mut want_grad = vec![0.0_f32; 3 * k];
+            reference::forward_backward(&ce, &scaled, &targets, &mut want_losses, &mut want_grad)
+                .expect("valid arguments");
+            for backend in backends() {
+                let ce = ce.backend(backend);
+                for entry in Entry::ALL {
+                    let a = run(&ce, entry, &scaled, &targets);
+                    let b = run(&ce, entry, &masked, &targets);
+                    assert!(a.bits_eq(&b), "{ce:?} {entry:?}: {a:?} vs {b:?}");
+                    assert!(a.losses[0].is_finite(), "{ce:?} {entry:?}: {a:?}");
+                    assert_eq!(a.losses[1..], [f32::INFINITY; 2], "{ce:?} {entry:?}");
+                    for (row, (&got, &want)) in a.losses.iter().zip(&want_losses).enumerate() {
+                        assert!(
+                            agrees(got, f64::from(want), LOSS_TOLERANCE),
+                            "{ce:?} {entry:?} row {row}: loss {got}, reference {want}"
+                        );
+                    }
+                    if entry.has_grad() {
+                        assert_eq!(a.grad[1], 0.0, "{ce:?} {entry:?}");
+                        assert!(a.grad[2 * k..].iter().all(|&g| g == 0.0));
+                        for (j, (&got, &want)) in a.grad.iter().zip(&want_grad).enumerate() {
+                            assert!(
+                                (f64::from(got) - f64::from(want)).abs() <= 4.0 * GRAD_TOLERANCE,
+                                "{ce:?} {entry:?} gradient [{j}]: {got}, reference {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -95,32 +95,11 @@ fn regressions_options() {
 /// Kernel/reference disagreements the options fuzzer found and that are fixed since (the
 /// rounded, fused shift by a scaled max; rows with a logit scaled past `f32::MAX` not wholly NaN;
 /// soft-target mass in an all-masked block dropped; unfused shifts on the portable backend and in
-/// the careful sums): their saved inputs, `fuzz/regressions/options/fixed-*`, replayed with no
-/// quarantine and no widened tolerance.
+/// the careful sums; a logit scaled below `-f32::MAX`, now a masked class everywhere; weighted
+/// off-target cancellation): their saved inputs, `fuzz/regressions/options/fixed-*`.
 #[test]
 fn fixed_issues_strict() {
-    let count = replay(
-        "fuzz/regressions/options",
-        "fixed-",
-        fuzz_support::options_strict,
-    );
-    assert!(count > 0);
-}
-
-/// Kernel/reference disagreements found by the options fuzzer, reported and not fixed yet (see
-/// `fuzz_support::KnownIssue`): their saved inputs, `fuzz/regressions/options/known-*`, pass
-/// `regressions_options` only because the options check leaves the affected rows out. Replayed
-/// without that quarantine they fail until the kernels are fixed:
-/// `cargo test --test fuzz_corpus -- --ignored`. Once an issue is fixed, delete its `KnownIssue`
-/// variant; its inputs then check everything under `regressions_options`.
-#[test]
-#[ignore = "known kernel/reference disagreements, reported and not fixed yet"]
-fn known_issues_strict() {
-    let count = replay(
-        "fuzz/regressions/options",
-        "known-",
-        fuzz_support::options_strict,
-    );
+    let count = replay("fuzz/regressions/options", "fixed-", fuzz_support::options);
     assert!(count > 0);
 }
 
@@ -170,6 +149,45 @@ fn off_target_cancellation() {
         fuzz_support::differential,
     );
     assert!(count > 0);
+}
+
+/// Found by the options fuzzer: the same cancellation with per-class weights, where the target's
+/// share of the f32 weighted shifted sum cancelled against its term (8.3125 for 8.3113 on a
+/// 4079-class row). `kernel::exact_rest` now sums the weighted non-target part exactly too.
+#[test]
+fn weighted_off_target_cancellation() {
+    let weights = [0.7_f32, 1.3, 0.2, 2.0];
+    for smoothing in [Smoothing::OffTarget(1.0), Smoothing::OffTarget(0.9)] {
+        for logits in [[-1e30_f32, 1.0, 0.0, 0.5], [-1e6, 0.3, 0.0, 0.7]] {
+            let ce = CrossEntropy::new(4)
+                .smoothing(smoothing)
+                .class_weights(&weights)
+                .reduction(Reduction::Sum);
+            let mut want = [0.0_f32];
+            reference::forward(&ce, &logits, &[0_u32], &mut want).expect("valid call");
+            for backend in backends() {
+                for entry in ["forward", "forward_backward", "in place"] {
+                    let ce = ce.backend(backend);
+                    let mut losses = [0.0_f32];
+                    let mut grad = logits;
+                    match entry {
+                        "forward" => ce.forward(&logits, &[0], &mut losses),
+                        "forward_backward" => {
+                            ce.forward_backward(&logits, &[0], &mut losses, &mut [0.0; 4])
+                        }
+                        _ => ce.forward_backward_in_place(&mut grad, &[0], &mut losses),
+                    }
+                    .expect("valid call");
+                    assert!(
+                        reference::agrees(losses[0], f64::from(want[0]), reference::LOSS_TOLERANCE),
+                        "{backend:?} {entry} {smoothing:?} {logits:?}: loss {:e}, reference {:e}",
+                        losses[0],
+                        want[0]
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Found by the fuzzer (fixed in 03f6702): f32 lane sums of alike terms drifted by up to 7.6e-6

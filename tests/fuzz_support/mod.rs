@@ -15,9 +15,8 @@
 //!   per-row extras and a `*_with` entry point, and compares the kernel with
 //!   [`smoothce::reference`] within the tolerances of `tests/options.rs`: the verdict, the losses,
 //!   the extras, the summary and the gradient, in-place against out-of-place bit for bit, and
-//!   guard elements around every slice. Disagreements it found that are reported but not fixed
-//!   yet are listed in [`KnownIssue`]: the rows they hit are left out ([`options_strict`] does
-//!   not).
+//!   guard elements around every slice. Every disagreement it found is fixed: nothing is left
+//!   out of the comparison.
 //!
 //! Decoding never fails: [`arbitrary::Unstructured`] yields zeros once the bytes run out.
 
@@ -2397,74 +2396,8 @@ impl OptCase {
 }
 
 /// Decodes `data` as an options case and checks it; panics with a description on mismatch.
-/// Rows hit by a [`known_issue`] are left out of the comparison with the reference.
 pub fn options(data: &[u8]) {
-    check_options(&decode_options(data), false);
-}
-
-/// As [`options`], without the [`known_issue`] quarantine: fails on the saved inputs of
-/// `fuzz/regressions/options/known-*` until the issues are fixed.
-pub fn options_strict(data: &[u8]) {
-    check_options(&decode_options(data), true);
-}
-
-/// A kernel/reference disagreement this fuzzer found, reported but not fixed in `src/` yet. Its
-/// saved inputs are `fuzz/regressions/options/known-<name>-*`; delete the variant once the fix
-/// lands, and they become ordinary regressions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KnownIssue {
-    /// `known-logit-scale-max`: a finite logit that the logit scale takes below `-f32::MAX`
-    /// (`t = -inf`): the kernels treat the class as masked (the target's correctness is false),
-    /// the reference as allowed with `t = -inf` (`known-logit-scale-max-3`: every class of the
-    /// row scaled to `-inf`, `correct` false against true). The whole row is left out of the
-    /// comparison.
-    LogitScaleMax,
-    /// `known-weighted-off-target-cancellation`: per-class weights, `OffTarget(eps > 2/3)` and a
-    /// target logit below the row max: the target's term `B (m - t_y)` (f64) cancels against its
-    /// share `C w_y (t_y - m)` of the f32-accumulated weighted shifted sum, which has lost the
-    /// other classes' terms (1.8e5 for 16.75). The unweighted rows have this fixed by
-    /// `kernel::exact_rest`, which skips per-class weights. The row's loss is not compared.
-    WeightedOffTargetCancellation,
-}
-
-/// The [`KnownIssue`] row `i` of `case` is exposed to, if any. Such rows (and the summary's values that depend on them) are not
-/// compared with the reference; everything else about the case is checked.
-#[must_use]
-pub fn known_issue(case: &OptCase, i: usize) -> Option<KnownIssue> {
-    let s = f64::from(case.logit_scale.unwrap_or(1.0));
-    let allowed_finite = || {
-        case.row(i)
-            .iter()
-            .enumerate()
-            .filter(|&(c, z)| z.is_finite() && case.allows(c))
-            .map(|(_, &z)| z)
-    };
-    // `known-logit-scale-max-*`: a finite logit scaled below `-f32::MAX` (see the variant).
-    // (Fixed since: the rounded max and fused shift of the earlier `known-logit-scale-max-2`
-    // and `-4`, and the partly-NaN rows of `scaled-overflow-row`, now `fixed-*` inputs.)
-    let scaled = |z: f32| (s * f64::from(z)) as f32;
-    if case.softcap.is_none() && allowed_finite().any(|z| scaled(z) == f32::NEG_INFINITY) {
-        return Some(KnownIssue::LogitScaleMax);
-    }
-    let t = |z: f32| match case.softcap {
-        Some(c) => f64::from(c) * (s * f64::from(z) / f64::from(c)).tanh(),
-        None => s * f64::from(z),
-    };
-    let z = case.row(i);
-    if let (Some(y), Some((_, WeightMode::PerClass)), Smoothing::OffTarget(eps)) = (
-        case.class(i).and_then(|t| usize::try_from(t).ok()),
-        &case.weights,
-        case.smoothing,
-    ) {
-        let t_y = t(z[y]);
-        let below_max = case.allows(y)
-            && z[y] != f32::NEG_INFINITY
-            && allowed_finite().any(|x| t(x) as f32 > t_y as f32);
-        if eps > 2.0 / 3.0 && below_max {
-            return Some(KnownIssue::WeightedOffTargetCancellation);
-        }
-    }
-    None
+    check_options(&decode_options(data));
 }
 
 /// The call must have failed with `want` and written nothing.
@@ -2506,9 +2439,8 @@ fn check_options_rejected(case: &OptCase, out: &OptOutcome, want: &Error) {
 /// When the verdict (`Ok` or which `Err`) differs from the reference's or from the documented
 /// rules, a rejected call wrote something, an output disagrees with the reference beyond the
 /// tolerances of `tests/options.rs`, the NaN, masking or ignore rules are broken, a write lands
-/// outside its slice, or the in-place and out-of-place calls differ in a single bit. Unless
-/// `strict`, rows hit by a [`known_issue`] are not compared with the reference.
-pub fn check_options(case: &OptCase, strict: bool) {
+/// outside its slice, or the in-place and out-of-place calls differ in a single bit.
+pub fn check_options(case: &OptCase) {
     let inputs = OptInputs::new(case);
     let ce = case.config(&inputs);
     let n = case.rows;
@@ -2672,23 +2604,9 @@ pub fn check_options(case: &OptCase, strict: bool) {
     let correct = got.correct.as_ref().map(Fenced::get);
     let (mut loss_bound, mut z_bound) = (0.0_f64, 0.0_f64);
     let mut beyond_f32_rel = 0.0_f64;
-    let issue = |i: usize| {
-        (!strict && !case.is_ignored(i))
-            .then(|| known_issue(case, i))
-            .flatten()
-    };
-    let quarantined: Vec<usize> = (0..n)
-        .filter(|&i| matches!(issue(i), Some(KnownIssue::LogitScaleMax)))
-        .collect();
-    let loss_quarantined: Vec<usize> = (0..n)
-        .filter(|&i| issue(i) == Some(KnownIssue::WeightedOffTargetCancellation))
-        .collect();
 
     for i in 0..n {
         let row_grad = grad.map(|g| &g[i * k..(i + 1) * k]);
-        if quarantined.contains(&i) {
-            continue;
-        }
         if case.is_ignored(i) {
             let zero_extras = lse.is_none_or(|l| l[i] == 0.0)
                 && z.is_none_or(|l| l[i] == 0.0)
@@ -2733,7 +2651,7 @@ pub fn check_options(case: &OptCase, strict: bool) {
                 1.0
             };
         assert!(
-            loss_quarantined.contains(&i) || close(losses[i], want_losses[i], bound),
+            close(losses[i], want_losses[i], bound),
             "row {i}: loss {:e}, reference {:e}, difference {:e}, tolerance {bound:e} \
              (relative {rel:e})\n{}",
             losses[i],
@@ -2772,7 +2690,7 @@ pub fn check_options(case: &OptCase, strict: bool) {
                 ctx(Some(i), target)
             );
         }
-        let Some(g) = row_grad.filter(|_| issue(i).is_none()) else {
+        let Some(g) = row_grad else {
             continue;
         };
         let zr = case.row(i);
@@ -2857,12 +2775,10 @@ pub fn check_options(case: &OptCase, strict: bool) {
             summary.loss,
             want.loss,
             loss_bound / d + beyond_f32_rel * f64::from(want.loss).abs(),
-            loss_quarantined.is_empty(),
         ),
-        ("z-loss", summary.z_loss, want.z_loss, z_bound / d, true),
+        ("z-loss", summary.z_loss, want.z_loss, z_bound / d),
     ];
-    let comparable = |other: bool| quarantined.is_empty() && other;
-    for (what, g, w, bound, _) in pairs.into_iter().filter(|p| comparable(p.4)) {
+    for (what, g, w, bound) in pairs {
         assert!(
             close(g, w, bound + ulp(f64::from(w))),
             "summary {what} {g:e}, reference {w:e}, difference {:e}, tolerance {:e}\n{}",
@@ -2872,7 +2788,7 @@ pub fn check_options(case: &OptCase, strict: bool) {
         );
     }
     assert!(
-        summary.correct == verdict_correct || !quarantined.is_empty(),
+        summary.correct == verdict_correct,
         "summary correct {}, reference {verdict_correct}\n{}",
         summary.correct,
         ctx(None, None)
