@@ -170,6 +170,8 @@ pub struct CrossEntropy<'a> {
     reduction: Reduction,
     backend: Backend,
     weights: Option<(&'a [f32], WeightMode)>,
+    /// Both `class_weights` and `target_weights` were called (an error when used).
+    both_weight_modes: bool,
     z_loss: f32,
     softcap: Option<f32>,
     logit_scale: f32,
@@ -261,6 +263,7 @@ impl<'a> CrossEntropy<'a> {
             reduction: Reduction::Mean,
             backend: Backend::Auto,
             weights: None,
+            both_weight_modes: false,
             z_loss: 0.0,
             softcap: None,
             logit_scale: 1.0,
@@ -356,7 +359,8 @@ impl<'a> CrossEntropy<'a> {
     /// `loss_i = (1 - eps) w_y (lse - z_y) + (eps/K) sum_k w_k (lse - z_k)`, and
     /// [`Reduction::Mean`] divides by `sum_i w_{y_i}` over the non-ignored rows.
     /// `weights.len()` must be `K` and every weight finite and `>= 0`
-    /// ([`Error::WeightsLength`], [`Error::InvalidWeight`]). Cannot be combined with soft targets.
+    /// ([`Error::WeightsLength`], [`Error::InvalidWeight`]). Cannot be combined with soft targets,
+    /// nor with [`target_weights`](Self::target_weights) ([`Error::Unsupported`]).
     ///
     /// ```
     /// use smoothce::{CrossEntropy, Reduction};
@@ -371,6 +375,7 @@ impl<'a> CrossEntropy<'a> {
     /// ```
     #[must_use]
     pub fn class_weights(mut self, weights: &'a [f32]) -> Self {
+        self.both_weight_modes |= matches!(self.weights, Some((_, WeightMode::PerTarget)));
         self.weights = Some((weights, WeightMode::PerClass));
         self
     }
@@ -378,8 +383,9 @@ impl<'a> CrossEntropy<'a> {
     /// Per-target weights with Keras' `sample_weight` semantics, taken from each row's target
     /// class: `loss_i = w_{y_i} * H(q_i, p_i)` and row `i`'s gradient is scaled by `w_{y_i}`;
     /// [`Reduction::Mean`] divides by the number of non-ignored rows (Keras'
-    /// `sum_over_batch_size`). Same checks as [`class_weights`](Self::class_weights), which it
-    /// replaces (the last call wins).
+    /// `sum_over_batch_size`). Same checks as [`class_weights`](Self::class_weights). One weight
+    /// mode per loss: a configuration with both is rejected with [`Error::Unsupported`] when
+    /// used (calling the same one twice replaces the weights).
     ///
     /// ```
     /// use smoothce::{CrossEntropy, Smoothing};
@@ -394,6 +400,7 @@ impl<'a> CrossEntropy<'a> {
     /// ```
     #[must_use]
     pub fn target_weights(mut self, weights: &'a [f32]) -> Self {
+        self.both_weight_modes |= matches!(self.weights, Some((_, WeightMode::PerClass)));
         self.weights = Some((weights, WeightMode::PerTarget));
         self
     }
@@ -1346,6 +1353,11 @@ impl<'a> CrossEntropy<'a> {
         }
         if matches!(self.smoothing, Smoothing::OffTarget(_)) && k < 2 {
             return Err(Error::OffTargetNeedsTwoClasses { classes: k });
+        }
+        if self.both_weight_modes {
+            return Err(Error::Unsupported {
+                what: "class_weights together with target_weights (one weight mode per loss)",
+            });
         }
         if let Some((w, _)) = self.weights {
             if w.len() != k {

@@ -45,6 +45,20 @@ fn same(a: &Error, b: &Error) -> bool {
         (Error::InvalidSmoothing { eps: x }, Error::InvalidSmoothing { eps: y }) => {
             x.to_bits() == y.to_bits()
         }
+        (
+            Error::InvalidOption {
+                option: o,
+                value: x,
+            },
+            Error::InvalidOption {
+                option: p,
+                value: y,
+            },
+        ) => o == p && x.to_bits() == y.to_bits(),
+        (
+            Error::InvalidWeight { class: c, value: x },
+            Error::InvalidWeight { class: d, value: y },
+        ) => c == d && x.to_bits() == y.to_bits(),
         _ => a == b,
     }
 }
@@ -191,6 +205,118 @@ fn cases() -> Vec<Case> {
                 },
             )
         });
+    }
+    cases.extend(option_cases());
+    cases
+}
+
+/// The option values and combinations that are rejected.
+fn option_cases() -> Vec<Case> {
+    let base = CrossEntropy::new(3);
+    let mut cases = vec![
+        Case::new(
+            "class weights length",
+            base.class_weights(&[1.0, 2.0]),
+            2,
+            Error::WeightsLength {
+                expected: 3,
+                actual: 2,
+            },
+        ),
+        Case::new(
+            "target weights length",
+            base.target_weights(&[1.0, 2.0, 3.0, 4.0]),
+            2,
+            Error::WeightsLength {
+                expected: 3,
+                actual: 4,
+            },
+        ),
+        Case::new(
+            "class and target weights",
+            base.class_weights(&[1.0, 2.0, 3.0])
+                .target_weights(&[1.0, 2.0, 3.0]),
+            2,
+            Error::Unsupported {
+                what: "class_weights together with target_weights (one weight mode per loss)",
+            },
+        ),
+        Case::new(
+            "target and class weights",
+            base.target_weights(&[1.0, 2.0, 3.0])
+                .class_weights(&[1.0, 2.0, 3.0]),
+            2,
+            Error::Unsupported {
+                what: "class_weights together with target_weights (one weight mode per loss)",
+            },
+        ),
+        Case::new(
+            "class mask length",
+            base.class_mask(&[true, true]),
+            2,
+            Error::MaskLength {
+                expected: 3,
+                actual: 2,
+            },
+        ),
+        Case::new(
+            "class mask allows nothing",
+            base.class_mask(&[false, false, false]),
+            2,
+            Error::MaskAllowsNoClass,
+        ),
+    ];
+    const BAD_WEIGHTS: [[f32; 3]; 4] = [
+        [1.0, -1.0, 1.0],
+        [1.0, 1.0, f32::NAN],
+        [f32::INFINITY, 1.0, 1.0],
+        [1.0, -0.5, f32::NAN],
+    ];
+    for weights in &BAD_WEIGHTS {
+        let (class, &value) = weights
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+            .expect("a bad weight");
+        for ce in [base.class_weights(weights), base.target_weights(weights)] {
+            cases.push(Case::new(
+                "invalid weight",
+                ce,
+                2,
+                Error::InvalidWeight { class, value },
+            ));
+        }
+    }
+    let bad_options = [
+        ("z_loss", base.z_loss(-1e-4), -1e-4),
+        ("z_loss", base.z_loss(f32::NAN), f32::NAN),
+        ("z_loss", base.z_loss(f32::INFINITY), f32::INFINITY),
+        ("softcap", base.softcap(0.0), 0.0),
+        ("softcap", base.softcap(-30.0), -30.0),
+        ("softcap", base.softcap(f32::INFINITY), f32::INFINITY),
+        ("logit_scale", base.logit_scale(0.0), 0.0),
+        ("logit_scale", base.logit_scale(-1.0), -1.0),
+        ("logit_scale", base.logit_scale(f32::NAN), f32::NAN),
+        ("mean_denominator", base.mean_denominator(0.0), 0.0),
+        (
+            "mean_denominator",
+            base.mean_denominator(f32::INFINITY),
+            f32::INFINITY,
+        ),
+        ("upstream", base.upstream(f32::NAN), f32::NAN),
+        (
+            "upstream",
+            base.upstream(f32::NEG_INFINITY),
+            f32::NEG_INFINITY,
+        ),
+    ];
+    for (option, ce, value) in bad_options {
+        cases.push(Case::new(
+            "invalid option",
+            ce,
+            2,
+            Error::InvalidOption { option, value },
+        ));
     }
     cases
 }
