@@ -210,7 +210,16 @@ fn cases() -> Vec<Case> {
     cases
 }
 
+/// Weight rows with a negative, NaN or infinite weight (the first bad one is reported).
+const BAD_WEIGHTS: [[f32; 3]; 4] = [
+    [1.0, -1.0, 1.0],
+    [1.0, 1.0, f32::NAN],
+    [f32::INFINITY, 1.0, 1.0],
+    [1.0, -0.5, f32::NAN],
+];
+
 /// The option values and combinations that are rejected.
+#[allow(clippy::too_many_lines)]
 fn option_cases() -> Vec<Case> {
     let base = CrossEntropy::new(3);
     let mut cases = vec![
@@ -265,12 +274,6 @@ fn option_cases() -> Vec<Case> {
             2,
             Error::MaskAllowsNoClass,
         ),
-    ];
-    const BAD_WEIGHTS: [[f32; 3]; 4] = [
-        [1.0, -1.0, 1.0],
-        [1.0, 1.0, f32::NAN],
-        [f32::INFINITY, 1.0, 1.0],
-        [1.0, -0.5, f32::NAN],
     ];
     for weights in &BAD_WEIGHTS {
         let (class, &value) = weights
