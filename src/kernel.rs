@@ -130,6 +130,9 @@ pub(crate) struct Job<'a> {
     pub z_loss: f64,
     /// Class weights.
     pub weights: Weights<'a>,
+    /// `sum_k w_k` of per-class weights without a class mask (the auxiliary sum of every row
+    /// whose classes are all allowed); 0 otherwise.
+    pub class_weight_sum: f64,
     /// `true` for every allowed class, if a class mask is set.
     pub class_mask: Option<&'a [bool]>,
     /// Per-row upstream gradient scales (reduction `None`).
@@ -632,9 +635,9 @@ pub(crate) fn piece_exps<V: RowKernels>(
     } else {
         let lanes = Lanes::new(m, transform, aux, mask);
         if needs_care(m, tmin) || mask.is_some() {
-            sums_map::<V, true>(&mut io, m, lanes)
+            sums_map::<V, true>(&mut io, m, lanes, None)
         } else {
-            sums_map::<V, false>(&mut io, m, lanes)
+            sums_map::<V, false>(&mut io, m, lanes, None)
         }
     };
     RowState {
@@ -731,6 +734,13 @@ impl Io<'_> {
             Io::InPlace(z) => z,
         };
         map_in_place(out, tail_fill, op, false);
+    }
+
+    fn get_out(&self, index: usize) -> Option<f32> {
+        match self {
+            Io::Separate(_, g) => g.get(index).copied(),
+            Io::InPlace(z) => z.get(index).copied(),
+        }
     }
 
     fn set_out(&mut self, index: usize, value: f32) {
@@ -1152,6 +1162,9 @@ struct SumExp<'a, V, const CAREFUL: bool> {
     fast_count: u64,
     /// Vectors added since the last flush.
     pending: u32,
+    /// The auxiliary sum, when known before the pass (class weights, every class allowed): the
+    /// fast lanes then skip accumulating it.
+    aux_fixed: Option<f64>,
     total: Stats,
     /// The next block of the row, prefetched while this one is summed from L1 (see
     /// [`stats_inline`]).
@@ -1174,6 +1187,7 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
             aux_masked: zero,
             fast_count: 0,
             pending: 0,
+            aux_fixed: None,
             total: Stats {
                 max,
                 ..Stats::EMPTY
@@ -1210,6 +1224,12 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
             invalid: self.total.shifted_sum.is_nan()
                 || self.total.sum_exp.is_nan()
                 || self.total.aux_shifted.is_nan(),
+            // Only fast rows have it: every lane of the whole vectors is allowed, and the tail's
+            // masked lanes (`-inf` logits) are in `aux_masked`.
+            aux_sum: match self.aux_fixed {
+                Some(sum) if !CAREFUL => sum - self.total.aux_masked,
+                _ => self.total.aux_sum,
+            },
             ..self.total
         }
     }
@@ -1236,7 +1256,9 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
         if let Some(aux) = self.lanes.aux {
             let v = load_at::<V>(aux, offset, 0.0);
             self.aux_shifted[slot] = v.mul_add(t, self.aux_shifted[slot]);
-            self.aux_sum[slot] = self.aux_sum[slot].add(v);
+            if self.aux_fixed.is_none() {
+                self.aux_sum[slot] = self.aux_sum[slot].add(v);
+            }
         }
         self.fast_count += V::LANES as u64;
         e
@@ -1835,9 +1857,14 @@ pub(crate) fn gradient_row<V: RowKernels>(
             let rest = exact_rest(job, z, target, m);
             let lanes = Lanes::new(m, transform, aux, mask);
             let stats = if needs_care(m, tmin) || mask.is_some() {
-                sums_map::<V, true>(&mut io, m, lanes)
+                sums_map::<V, true>(&mut io, m, lanes, None)
             } else {
-                sums_map::<V, false>(&mut io, m, lanes)
+                // Every class allowed: the class weights' sum is the call's.
+                let fixed = match (target, job.weights) {
+                    (RowTarget::Class(_), Weights::PerClass(_)) => Some(job.class_weight_sum),
+                    _ => None,
+                };
+                sums_map::<V, false>(&mut io, m, lanes, fixed)
             };
             (stats, rest)
         }
@@ -1931,6 +1958,10 @@ fn write_gradient<V: Vector>(
     let (aux, mask) = (piece.aux, piece.mask);
     // Some class of the full row is masked: this piece may hold it.
     let masked = stats.allowed < job.classes.get() as u64;
+    // The target's own exp as its lane has it, stored or not (read before it is overwritten).
+    let stored_e_y = stored_exps
+        .zip(piece.target_index)
+        .and_then(|(factor, local)| Some(f64::from(io.get_out(local)?) * factor));
     if stored_exps.is_some() {
         if masked {
             io.map_out(0.0, &mut Scale::<V, true> { grad, aux });
@@ -1965,7 +1996,24 @@ fn write_gradient<V: Vector>(
         } else {
             f64::NEG_INFINITY
         };
-        let p_y = libm::exp(t_y - f64::from(stats.max)) / stats.sum_exp;
+        // p_y from the target lane's f32 exp (as the other lanes have theirs), exact enough: the
+        // cancellation that matters, A' p_y - B, is formed in f64 below.
+        let e_y = if !target_allowed {
+            0.0
+        } else if let Some(e) = stored_e_y {
+            e
+        } else {
+            let shifted = V::splat(t_y as f32).sub(V::splat(stats.max));
+            f64::from(
+                exp_nonpositive(shifted)
+                    .to_array()
+                    .as_ref()
+                    .first()
+                    .copied()
+                    .unwrap_or(0.0),
+            )
+        };
+        let p_y = e_y / stats.sum_exp;
         let v_y = aux
             .and_then(|a| a.get(local))
             .map_or(0.0, |&v| f64::from(v));
@@ -1986,8 +2034,14 @@ fn write_gradient<V: Vector>(
 }
 
 #[inline(always)]
-fn sums_map<V: Vector, const CAREFUL: bool>(io: &mut Io<'_>, m: f32, lanes: Lanes<'_, V>) -> Stats {
+fn sums_map<V: Vector, const CAREFUL: bool>(
+    io: &mut Io<'_>,
+    m: f32,
+    lanes: Lanes<'_, V>,
+    aux_fixed: Option<f64>,
+) -> Stats {
     let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
+    op.aux_fixed = aux_fixed;
     io.map(f32::NEG_INFINITY, &mut op, false);
     op.stats()
 }

@@ -1318,6 +1318,11 @@ impl<'a> CrossEntropy<'a> {
         } else {
             0.0
         };
+        // Every row with no masked class has the same sum of class weights: once per call.
+        let class_weight_sum = match (self.weights, self.class_mask) {
+            (Some((w, WeightMode::PerClass)), None) => w.iter().map(|&v| f64::from(v)).sum(),
+            _ => 0.0,
+        };
         let weights = match self.weights {
             Some((w, WeightMode::PerClass)) => Weights::PerClass(w),
             Some((w, WeightMode::PerTarget)) => Weights::PerTarget(w),
@@ -1336,6 +1341,7 @@ impl<'a> CrossEntropy<'a> {
                 },
                 z_loss: f64::from(self.z_loss),
                 weights,
+                class_weight_sum,
                 class_mask: self.class_mask,
                 row_scales: extras.row_scales,
                 want_correct: extras.correct.is_some(),
