@@ -1,5 +1,5 @@
-//! A small, fixed-input smoke test of every entry point (the vocabulary-piece API included),
-//! sized to run under Miri.
+//! A small, fixed-input smoke test of every entry point (the vocabulary-piece API included, in
+//! both its forms), sized to run under Miri.
 //!
 //! `.ci/run` runs this file alone with `cargo +nightly miri test --test miri_smoke`, once plainly
 //! (the portable backend on SSE2) and once with `-C target-cpu=x86-64-v4` (the AVX2 backend, and
@@ -14,7 +14,9 @@
 //! Outside Miri (a plain `cargo test`) every backend this CPU has is checked.
 
 use smoothce::reference::{self, GRAD_TOLERANCE, LOSS_TOLERANCE};
-use smoothce::{Backend, CrossEntropy, Extras, Piece, Reduction, RowState, Smoothing, Targets};
+use smoothce::{
+    Backend, CrossEntropy, Error, Extras, Piece, Reduction, RowState, Smoothing, Targets,
+};
 
 /// The backends to check in this build.
 fn backends() -> Vec<Backend> {
@@ -325,43 +327,81 @@ fn cut(batch: &[f32], k: usize, p: Piece) -> Vec<f32> {
         .collect()
 }
 
+/// Rows and classes of the piece cases: K = 37 in three uneven pieces (a tail only, two whole
+/// AVX2 vectors, and a vector plus a tail), one target in each piece.
+const PIECE_ROWS: usize = 3;
+const PIECE_K: usize = 37;
+const PIECES: [Piece; 3] = [
+    Piece {
+        offset: 0,
+        width: 5,
+    },
+    Piece {
+        offset: 5,
+        width: 16,
+    },
+    Piece {
+        offset: 21,
+        width: 16,
+    },
+];
+const PIECE_TARGETS: [u32; PIECE_ROWS] = [2, 20, 36];
+
+/// The configurations of the piece cases, with the gradient scale of their reduction.
+fn piece_configs(backend: Backend) -> [(String, CrossEntropy<'static>, f64); 2] {
+    [
+        (
+            Smoothing::Uniform(0.1),
+            Reduction::Mean,
+            1.0 / PIECE_ROWS as f64,
+        ),
+        (Smoothing::OffTarget(0.2), Reduction::None, 1.0),
+    ]
+    .map(|(smoothing, reduction, scale)| {
+        let ce = CrossEntropy::new(PIECE_K)
+            .smoothing(smoothing)
+            .reduction(reduction)
+            .backend(backend);
+        let what = format!("pieces {backend:?} {smoothing:?} {reduction:?}");
+        (what, ce, scale)
+    })
+}
+
+/// The unsplit kernel's loss, row losses and gradient.
+fn unsplit(ce: &CrossEntropy<'_>, z: &[f32]) -> (f32, Vec<f32>, Vec<f32>) {
+    let mut losses = vec![0.0_f32; PIECE_ROWS];
+    let mut grad = vec![0.0_f32; z.len()];
+    let loss = ce
+        .forward_backward(z, &PIECE_TARGETS, &mut losses, &mut grad)
+        .expect("forward_backward");
+    (loss, losses, grad)
+}
+
+/// Each row's merge of its pieces' states (`per_piece[piece][row]`), starting from piece `row`,
+/// the first pair through the words.
+fn merge_rows(per_piece: &[Vec<RowState>]) -> Vec<RowState> {
+    (0..PIECE_ROWS)
+        .map(|r| {
+            let [a, b, c] = [0, 1, 2].map(|i| per_piece[(i + r) % 3][r]);
+            let sent = a.merge(b).to_words();
+            assert_eq!(
+                RowState::from_words(sent).to_words().map(f64::to_bits),
+                sent.map(f64::to_bits)
+            );
+            c.merge(RowState::from_words(sent))
+        })
+        .collect()
+}
+
 #[test]
 fn pieces_agree_with_the_unsplit_call() {
-    // K = 37 in three uneven pieces: a tail only, two whole AVX2 vectors, and a vector plus a tail.
-    let (rows, k) = (3, 37);
+    let (rows, k, targets) = (PIECE_ROWS, PIECE_K, PIECE_TARGETS);
     let z = logits(rows, k);
-    let targets: [u32; 3] = [2, 20, 36]; // one target in each piece
-    let pieces = [
-        Piece {
-            offset: 0,
-            width: 5,
-        },
-        Piece {
-            offset: 5,
-            width: 16,
-        },
-        Piece {
-            offset: 21,
-            width: 16,
-        },
-    ];
     for backend in backends() {
-        for (smoothing, reduction, scale) in [
-            (Smoothing::Uniform(0.1), Reduction::Mean, 1.0 / rows as f64),
-            (Smoothing::OffTarget(0.2), Reduction::None, 1.0),
-        ] {
-            let ce = CrossEntropy::new(k)
-                .smoothing(smoothing)
-                .reduction(reduction)
-                .backend(backend);
-            let what = format!("pieces {backend:?} {smoothing:?} {reduction:?}");
-            let mut want_losses = vec![0.0_f32; rows];
-            let mut want_grad = vec![0.0_f32; rows * k];
-            let want = ce
-                .forward_backward(&z, &targets, &mut want_losses, &mut want_grad)
-                .expect("forward_backward");
+        for (what, ce, scale) in piece_configs(backend) {
+            let (want, want_losses, want_grad) = unsplit(&ce, &z);
 
-            let per_piece: Vec<Vec<RowState>> = pieces
+            let per_piece: Vec<Vec<RowState>> = PIECES
                 .iter()
                 .map(|&p| {
                     let mut states = vec![RowState::EMPTY; rows];
@@ -370,18 +410,7 @@ fn pieces_agree_with_the_unsplit_call() {
                     states
                 })
                 .collect();
-            // Row r merges its pieces starting from piece r, the first pair through the words.
-            let merged: Vec<RowState> = (0..rows)
-                .map(|r| {
-                    let [a, b, c] = [0, 1, 2].map(|i| per_piece[(i + r) % 3][r]);
-                    let sent = a.merge(b).to_words();
-                    assert_eq!(
-                        RowState::from_words(sent).to_words().map(f64::to_bits),
-                        sent.map(f64::to_bits)
-                    );
-                    c.merge(RowState::from_words(sent))
-                })
-                .collect();
+            let merged = merge_rows(&per_piece);
             let mut losses = vec![0.0_f32; rows];
             let split = ce
                 .finish_states(&merged, &targets, &mut losses, Extras::default())
@@ -393,7 +422,7 @@ fn pieces_agree_with_the_unsplit_call() {
                 scale,
             );
 
-            for p in pieces {
+            for p in PIECES {
                 let piece_z = cut(&z, k, p);
                 let mut grad = vec![0.0_f32; piece_z.len()];
                 ce.piece_backward(&piece_z, p, &targets, &merged, &mut grad)
@@ -412,6 +441,126 @@ fn pieces_agree_with_the_unsplit_call() {
                 }
             }
         }
+    }
+}
+
+/// The one-exp form of the same split: each piece's own states with its exps kept, out of place
+/// and over its logits (the same exps and states, bit for bit), the own states merged and
+/// finished, then each piece's exps (both copies) rescaled into its gradient, against the unsplit
+/// call. A merged state that lacks the piece is refused without writing.
+#[test]
+fn one_exp_pieces_agree_with_the_unsplit_call() {
+    let (rows, k, targets) = (PIECE_ROWS, PIECE_K, PIECE_TARGETS);
+    let z = logits(rows, k);
+    for backend in backends() {
+        for (what, ce, scale) in piece_configs(backend) {
+            let (want, want_losses, want_grad) = unsplit(&ce, &z);
+
+            let mut own = Vec::new();
+            let mut exps = Vec::new();
+            let mut over_logits = Vec::new();
+            for p in PIECES {
+                let piece_z = cut(&z, k, p);
+                let mut states = vec![RowState::EMPTY; rows];
+                let mut e = vec![0.0_f32; piece_z.len()];
+                ce.piece_states_and_exps(&piece_z, p, &targets, &mut states, &mut e)
+                    .expect("piece_states_and_exps");
+                let mut o = piece_z;
+                let mut states_in_place = vec![RowState::EMPTY; rows];
+                ce.piece_states_and_exps_in_place(&mut o, p, &targets, &mut states_in_place)
+                    .expect("piece_states_and_exps_in_place");
+                for (r, (a, b)) in states.iter().zip(&states_in_place).enumerate() {
+                    assert_eq!(
+                        a.to_words().map(f64::to_bits),
+                        b.to_words().map(f64::to_bits),
+                        "{what} {p:?}: row {r} state in place"
+                    );
+                }
+                for (i, (&a, &b)) in e.iter().zip(&o).enumerate() {
+                    assert!(same(a, b), "{what} {p:?}: in-place exps[{i}] {a} vs {b}");
+                }
+                own.push(states);
+                exps.push(e);
+                over_logits.push(o);
+            }
+            let merged = merge_rows(&own);
+            let mut losses = vec![0.0_f32; rows];
+            let split = ce
+                .finish_states(&merged, &targets, &mut losses, Extras::default())
+                .expect("finish_states");
+            assert_agree(
+                &format!("{what} one-exp finish_states"),
+                (split.loss, &losses, &[]),
+                (want, &want_losses, &[]),
+                scale,
+            );
+
+            let foreign = [RowState::EMPTY; PIECE_ROWS];
+            for (i, p) in PIECES.into_iter().enumerate() {
+                let (e, o) = (&mut exps[i], &mut over_logits[i]);
+                let before = e.clone();
+                assert_eq!(
+                    ce.piece_backward_from_exps(e, p, &targets, &own[i], &foreign),
+                    Err(Error::StateMismatch { row: 0 }),
+                    "{what} {p:?}: a merged state without the piece"
+                );
+                assert!(e.iter().zip(&before).all(|(&a, &b)| same(a, b)));
+                ce.piece_backward_from_exps(e, p, &targets, &own[i], &merged)
+                    .expect("piece_backward_from_exps");
+                assert_agree(
+                    &format!("{what} piece_backward_from_exps {p:?}"),
+                    (split.loss, &losses, e),
+                    (want, &want_losses, &cut(&want_grad, k, p)),
+                    scale,
+                );
+                ce.piece_backward_from_exps(o, p, &targets, &own[i], &merged)
+                    .expect("piece_backward_from_exps (exps stored in place)");
+                for (j, (&a, &b)) in o.iter().zip(e.iter()).enumerate() {
+                    assert!(same(a, b), "{what} {p:?}: in-place grad[{j}] {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+/// With a soft-cap the one-exp calls refuse, before writing anything.
+#[test]
+fn one_exp_pieces_refuse_a_softcap() {
+    let (rows, k, targets) = (PIECE_ROWS, PIECE_K, PIECE_TARGETS);
+    let z = logits(rows, k);
+    let p = PIECES[0];
+    for backend in backends() {
+        let ce = CrossEntropy::new(k).softcap(10.0).backend(backend);
+        let mut buf = cut(&z, k, p);
+        let mut states = vec![RowState::EMPTY; rows];
+        let mut e = vec![0.0_f32; buf.len()];
+        let refused = |r: Result<(), Error>| matches!(r, Err(Error::Unsupported { .. }));
+        assert!(refused(ce.piece_states_and_exps(
+            &buf,
+            p,
+            &targets,
+            &mut states,
+            &mut e
+        )));
+        assert!(refused(ce.piece_states_and_exps_in_place(
+            &mut buf,
+            p,
+            &targets,
+            &mut states
+        )));
+        assert!(refused(ce.piece_backward_from_exps(
+            &mut e, p, &targets, &states, &states
+        )));
+        assert!(
+            e.iter().all(|&x| x.to_bits() == 0),
+            "{backend:?}: exps written"
+        );
+        assert_eq!(buf, cut(&z, k, p), "{backend:?}: logits written");
+        assert_eq!(
+            states,
+            vec![RowState::EMPTY; rows],
+            "{backend:?}: states written"
+        );
     }
 }
 

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! For a few fixed batches it computes losses and gradients with every `CrossEntropy` entry point
-//! (and once with the rows split into vocabulary pieces) and with `smoothce::reference`, compares them with `reference::agrees` at the crate's documented
+//! (and with the rows split into vocabulary pieces, in both forms of the piece API) and with
+//! `smoothce::reference`, compares them with `reference::agrees` at the crate's documented
 //! tolerances, prints one line per case and a final `N passed, N failed` line over semihosting,
 //! and exits through semihosting with success only when every comparison agreed.
 
@@ -18,7 +19,7 @@ use core::panic::PanicInfo;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};
 use smoothce::reference::{self, GRAD_TOLERANCE, LOSS_TOLERANCE};
-use smoothce::{Backend, CrossEntropy, Extras, Piece, Reduction, RowState, Smoothing};
+use smoothce::{Backend, CrossEntropy, Error, Extras, Piece, Reduction, RowState, Smoothing};
 
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
@@ -190,42 +191,62 @@ fn check(case: &Case) -> Result<bool, smoothce::Error> {
 
 /// Name of the piece case.
 const PIECES_CASE: &str = "K=40 uniform(0.1) mean in 3 pieces";
+/// Name of the piece case with the exps kept.
+const PIECES_EXPS_CASE: &str = "K=40 uniform(0.1) mean in 3 pieces, one exp";
+
+/// Classes and rows of the piece cases (the rows of `WIDE`).
+const PK: usize = 40;
+const PROWS: usize = 3;
+/// Three uneven pieces of the `PK` classes, holding one target each.
+const PIECES: [Piece; 3] = [
+    Piece {
+        offset: 0,
+        width: 7,
+    },
+    Piece {
+        offset: 7,
+        width: 16,
+    },
+    Piece {
+        offset: 23,
+        width: 17,
+    },
+];
+const PIECE_TARGETS: &[u32] = &[3, 39, 17];
+
+fn piece_ce() -> CrossEntropy<'static> {
+    CrossEntropy::new(PK)
+        .smoothing(Smoothing::Uniform(0.1))
+        .backend(Backend::Auto)
+}
+
+/// Piece `p` of a `[PROWS, PK]` batch into `out[..PROWS * p.width]`.
+fn cut(batch: &[f32], p: Piece, out: &mut [f32]) {
+    for (row, dst) in batch.chunks(PK).zip(out.chunks_mut(p.width)) {
+        dst.copy_from_slice(&row[p.offset..p.offset + p.width]);
+    }
+}
+
+/// Row `row`'s merge of three pieces' states, starting from piece `row` (one pair through its
+/// words).
+fn merge_row(per_piece: &[[RowState; PROWS]; 3], row: usize) -> RowState {
+    let [a, b, c] = [0, 1, 2].map(|i| per_piece[(i + row) % 3][row]);
+    c.merge(RowState::from_words(a.merge(b).to_words()))
+}
 
 /// The rows of `WIDE` in three uneven pieces (the targets in different pieces): states per piece,
 /// merged in a different order per row (one pair through its words), finished, and each piece's
 /// gradient, in place too, against the reference on the unsplit rows.
 fn check_pieces() -> Result<bool, smoothce::Error> {
-    const K: usize = 40;
-    const ROWS: usize = 3;
-    const PIECES: [Piece; 3] = [
-        Piece {
-            offset: 0,
-            width: 7,
-        },
-        Piece {
-            offset: 7,
-            width: 16,
-        },
-        Piece {
-            offset: 23,
-            width: 17,
-        },
-    ];
-    let targets: &[u32] = &[3, 39, 17];
-    let ce = CrossEntropy::new(K)
-        .smoothing(Smoothing::Uniform(0.1))
-        .backend(Backend::Auto);
+    const K: usize = PK;
+    const ROWS: usize = PROWS;
+    let targets = PIECE_TARGETS;
+    let ce = piece_ce();
     let logits = &WIDE[..ROWS * K];
     let mut want_losses = [0.0_f32; ROWS];
     let mut want_grad = [0.0_f32; ROWS * K];
     let want = reference::forward_backward(&ce, logits, targets, &mut want_losses, &mut want_grad)?;
 
-    // Piece `p` of a `[ROWS, K]` batch into `out[..ROWS * p.width]`.
-    let cut = |batch: &[f32], p: Piece, out: &mut [f32; MAX]| {
-        for (row, dst) in batch.chunks(K).zip(out.chunks_mut(p.width)) {
-            dst.copy_from_slice(&row[p.offset..p.offset + p.width]);
-        }
-    };
     let mut per_piece = [[RowState::EMPTY; ROWS]; 3];
     let mut buf = [0.0_f32; MAX];
     for (p, states) in PIECES.iter().zip(&mut per_piece) {
@@ -234,8 +255,7 @@ fn check_pieces() -> Result<bool, smoothce::Error> {
     }
     let mut merged = [RowState::EMPTY; ROWS];
     for (row, m) in merged.iter_mut().enumerate() {
-        let [a, b, c] = [0, 1, 2].map(|i| per_piece[(i + row) % 3][row]);
-        *m = c.merge(RowState::from_words(a.merge(b).to_words()));
+        *m = merge_row(&per_piece, row);
     }
     let mut losses = [0.0_f32; ROWS];
     let split = ce.finish_states(&merged, targets, &mut losses, Extras::default())?;
@@ -257,6 +277,73 @@ fn check_pieces() -> Result<bool, smoothce::Error> {
             .all(|(a, b)| a.to_bits() == b.to_bits());
     }
     Ok(ok)
+}
+
+/// As [`check_pieces`] with the exps kept: each piece's own states and exps, out of place and over
+/// its logits (bit-identical), the own states merged and finished, and each piece's exps (both
+/// copies, bit-identical) rescaled into its gradient, against the reference on the unsplit rows
+/// at the same tolerance. A merged state that does not contain a piece's own is refused.
+fn check_pieces_exps() -> Result<bool, smoothce::Error> {
+    const K: usize = PK;
+    const ROWS: usize = PROWS;
+    let targets = PIECE_TARGETS;
+    let ce = piece_ce();
+    let logits = &WIDE[..ROWS * K];
+    let mut want_losses = [0.0_f32; ROWS];
+    let mut want_grad = [0.0_f32; ROWS * K];
+    let want = reference::forward_backward(&ce, logits, targets, &mut want_losses, &mut want_grad)?;
+
+    // Piece `p`'s exps (then gradient) at `ROWS * p.offset ..` of these, the pieces side by side.
+    let mut exps = [0.0_f32; MAX];
+    let mut over_logits = [0.0_f32; MAX];
+    let mut own = [[RowState::EMPTY; ROWS]; 3];
+    let mut own_in_place = [[RowState::EMPTY; ROWS]; 3];
+    for (i, p) in PIECES.iter().enumerate() {
+        let span = ROWS * p.offset..ROWS * (p.offset + p.width);
+        cut(logits, *p, &mut over_logits[span.clone()]);
+        ce.piece_states_and_exps(
+            &over_logits[span.clone()],
+            *p,
+            targets,
+            &mut own[i],
+            &mut exps[span.clone()],
+        )?;
+        ce.piece_states_and_exps_in_place(
+            &mut over_logits[span],
+            *p,
+            targets,
+            &mut own_in_place[i],
+        )?;
+    }
+    let mut ok = own == own_in_place && same_bits(&exps[..ROWS * K], &over_logits[..ROWS * K]);
+
+    let mut merged = [RowState::EMPTY; ROWS];
+    for (row, m) in merged.iter_mut().enumerate() {
+        *m = merge_row(&own, row);
+    }
+    let mut losses = [0.0_f32; ROWS];
+    let split = ce.finish_states(&merged, targets, &mut losses, Extras::default())?;
+    ok &= agree_losses(split.loss, &losses, want, &want_losses);
+
+    let scale = 1.0 / ROWS as f64;
+    let mut want_piece = [0.0_f32; MAX];
+    for (i, p) in PIECES.into_iter().enumerate() {
+        let span = ROWS * p.offset..ROWS * (p.offset + p.width);
+        let empty = [RowState::EMPTY; ROWS];
+        ok &= ce.piece_backward_from_exps(&mut exps[span.clone()], p, targets, &own[i], &empty)
+            == Err(Error::StateMismatch { row: 0 });
+        ce.piece_backward_from_exps(&mut exps[span.clone()], p, targets, &own[i], &merged)?;
+        ce.piece_backward_from_exps(&mut over_logits[span.clone()], p, targets, &own[i], &merged)?;
+        let n = ROWS * p.width;
+        cut(&want_grad, p, &mut want_piece);
+        ok &= agree_grad(&exps[span.clone()], &want_piece[..n], scale)
+            && same_bits(&exps[span.clone()], &over_logits[span]);
+    }
+    Ok(ok)
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 fn agree_losses(got: f32, losses: &[f32], want: f32, want_losses: &[f32]) -> bool {
@@ -283,7 +370,10 @@ fn main() -> ! {
     let results = cases()
         .into_iter()
         .map(|case| (case.name, check(&case)))
-        .chain(core::iter::once_with(|| (PIECES_CASE, check_pieces())));
+        .chain(core::iter::once_with(|| (PIECES_CASE, check_pieces())))
+        .chain(core::iter::once_with(|| {
+            (PIECES_EXPS_CASE, check_pieces_exps())
+        }));
     for (name, result) in results {
         match result {
             Ok(true) => {

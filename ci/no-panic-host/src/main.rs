@@ -4,8 +4,9 @@
 //! arguments straight through. `no_panic` makes the build fail at link time (an undefined symbol
 //! naming the wrapper) unless the optimiser proved that the wrapped call cannot panic or unwind.
 //! `main` calls every wrapper with configurations, target types and extras that are only known at
-//! run time, and checks the kernels against the reference (and rows split into vocabulary pieces
-//! against the unsplit kernel), so the binary is a smoke test too.
+//! run time, and checks the kernels against the reference (and rows split into vocabulary pieces,
+//! with the logits kept and with the exps kept, against the unsplit kernel), so the binary is a
+//! smoke test too.
 
 use core::hint::black_box;
 
@@ -121,6 +122,41 @@ fn piece_backward_in_place(
 }
 
 #[no_panic]
+fn piece_states_and_exps(
+    ce: &CrossEntropy<'_>,
+    z: &[f32],
+    piece: Piece,
+    t: Targets<'_>,
+    states: &mut [RowState],
+    exps: &mut [f32],
+) -> Result<(), Error> {
+    ce.piece_states_and_exps(z, piece, t, states, exps)
+}
+
+#[no_panic]
+fn piece_states_and_exps_in_place(
+    ce: &CrossEntropy<'_>,
+    z: &mut [f32],
+    piece: Piece,
+    t: Targets<'_>,
+    states: &mut [RowState],
+) -> Result<(), Error> {
+    ce.piece_states_and_exps_in_place(z, piece, t, states)
+}
+
+#[no_panic]
+fn piece_backward_from_exps(
+    ce: &CrossEntropy<'_>,
+    exps: &mut [f32],
+    piece: Piece,
+    t: Targets<'_>,
+    own: &[RowState],
+    merged: &[RowState],
+) -> Result<(), Error> {
+    ce.piece_backward_from_exps(exps, piece, t, own, merged)
+}
+
+#[no_panic]
 fn merge(a: RowState, b: RowState) -> RowState {
     a.merge(b)
 }
@@ -226,7 +262,8 @@ fn agree_all(got: &[f32], want: &[f32]) -> bool {
 }
 
 /// Every entry point on one configuration; returns whether all agreed with the reference.
-fn check(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) -> bool {
+/// `softcap` says whether `ce` has a soft-cap (which the one-exp piece calls must refuse).
+fn check(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32], softcap: bool) -> bool {
     let n = logits.len();
     let (mut losses, mut ref_losses) = (vec![0.0_f32; ROWS], vec![0.0_f32; ROWS]);
     let (mut grad, mut ref_grad) = (vec![0.0_f32; n], vec![0.0_f32; n]);
@@ -316,7 +353,7 @@ fn check(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) -> bool {
     )
     .expect("forward_backward_in_place_with");
     ok &= agrees(f.loss, f64::from(rf.loss), 1e-5) && agrees(ip.loss, f64::from(r.loss), 1e-5);
-    ok &= check_pieces(ce, logits, Targets::I64(&wide), row_scales);
+    ok &= check_pieces(ce, logits, Targets::I64(&wide), row_scales, softcap);
     ok && target_rows(Targets::I64(&wide), K) == Some(ROWS)
 }
 
@@ -348,11 +385,13 @@ fn cut(batch: &[f32], p: Piece) -> Vec<f32> {
 /// a different order per row, finished and differentiated piece by piece, against the unsplit
 /// kernel. `row_scales` go to `finish_states` only (they scale gradients, which it does not
 /// compute; the piece gradients take none), so the unsplit gradient is computed without them.
+/// Then the same with the one-exp calls ([`check_pieces_exps`]).
 fn check_pieces(
     ce: &CrossEntropy<'_>,
     logits: &[f32],
     t: Targets<'_>,
     row_scales: Option<&[f32]>,
+    softcap: bool,
 ) -> bool {
     let (mut losses, mut lse_out, mut zl, mut correct) = (
         vec![0.0_f32; ROWS],
@@ -426,6 +465,115 @@ fn check_pieces(
         piece_backward_in_place(ce, &mut in_place, p, t, &merged).expect("piece_backward_in_place");
         ok &= agree_all(&piece_grad, &cut(&grad, p)) && piece_grad == in_place;
     }
+    let unsplit = Unsplit {
+        loss: whole.loss,
+        losses: &losses,
+        lse: &lse_out,
+        grad: &grad,
+    };
+    ok && check_pieces_exps(ce, logits, t, softcap, &unsplit)
+}
+
+/// The unsplit kernel's results that [`check_pieces_exps`] compares with.
+struct Unsplit<'a> {
+    loss: f32,
+    losses: &'a [f32],
+    lse: &'a [f32],
+    grad: &'a [f32],
+}
+
+/// Whether two f32 slices are bit-identical.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// The one-exp form of the split: each piece of [`PIECES`] through `piece_states_and_exps` (its
+/// exps in a separate buffer) and `piece_states_and_exps_in_place` (over a copy of its logits),
+/// which must give bit-identical exps and states; the own states merged (a pair through its words)
+/// and finished against the unsplit kernel; each piece's exps, both copies, rescaled by
+/// `piece_backward_from_exps` against the unsplit gradient and bit-identical to each other. A
+/// merged state that does not contain a piece's own must be refused with `StateMismatch`. With a
+/// soft-cap, all three calls must refuse with `Unsupported` and write nothing.
+fn check_pieces_exps(
+    ce: &CrossEntropy<'_>,
+    logits: &[f32],
+    t: Targets<'_>,
+    softcap: bool,
+    unsplit: &Unsplit<'_>,
+) -> bool {
+    let mut own = [[RowState::EMPTY; ROWS]; 3];
+    let mut exps: [Vec<f32>; 3] = Default::default();
+    let mut over_logits: [Vec<f32>; 3] = Default::default();
+    let mut ok = true;
+    for (i, p) in PIECES.into_iter().enumerate() {
+        let z = cut(logits, p);
+        exps[i] = vec![0.0_f32; z.len()];
+        let out_of_place = piece_states_and_exps(ce, &z, p, t, &mut own[i], &mut exps[i]);
+        over_logits[i] = z.clone();
+        let mut own_in_place = [RowState::EMPTY; ROWS];
+        let in_place =
+            piece_states_and_exps_in_place(ce, &mut over_logits[i], p, t, &mut own_in_place);
+        if softcap {
+            let zeros = vec![0.0_f32; z.len()];
+            ok &= matches!(out_of_place, Err(Error::Unsupported { .. }))
+                && matches!(in_place, Err(Error::Unsupported { .. }))
+                && own[i] == [RowState::EMPTY; ROWS]
+                && own_in_place == [RowState::EMPTY; ROWS]
+                && same_bits(&exps[i], &zeros)
+                && same_bits(&over_logits[i], &z);
+            let merged = [RowState::EMPTY; ROWS];
+            let refused = piece_backward_from_exps(ce, &mut exps[i], p, t, &own[i], &merged);
+            ok &= matches!(refused, Err(Error::Unsupported { .. })) && same_bits(&exps[i], &zeros);
+            continue;
+        }
+        out_of_place.expect("piece_states_and_exps");
+        in_place.expect("piece_states_and_exps_in_place");
+        ok &= same_bits(&exps[i], &over_logits[i])
+            && own[i]
+                .iter()
+                .zip(&own_in_place)
+                .all(|(a, b)| to_words(a).map(f64::to_bits) == to_words(b).map(f64::to_bits));
+    }
+    if softcap {
+        return ok;
+    }
+
+    let merged: Vec<RowState> = (0..ROWS)
+        .map(|row| {
+            let [a, b, c] = [0, 1, 2].map(|i| own[(i + row) % 3][row]);
+            merge(from_words(to_words(&merge(a, b))), c)
+        })
+        .collect();
+    let (mut losses, mut lse_out) = (vec![0.0_f32; ROWS], vec![0.0_f32; ROWS]);
+    let split = finish_states(
+        ce,
+        &merged,
+        t,
+        &mut losses,
+        Extras {
+            lse: Some(&mut lse_out),
+            ..Extras::default()
+        },
+    )
+    .expect("finish_states (one-exp states)");
+    ok &= agrees(split.loss, f64::from(unsplit.loss), 1e-5)
+        && agree_all(&losses, unsplit.losses)
+        && agree_all(&lse_out, unsplit.lse);
+
+    for (i, p) in PIECES.into_iter().enumerate() {
+        // A merged state that lacks the piece (here: the empty one) is refused, nothing written.
+        let before = exps[i].clone();
+        let empty = [RowState::EMPTY; ROWS];
+        ok &= piece_backward_from_exps(ce, &mut exps[i], p, t, &own[i], &empty)
+            == Err(Error::StateMismatch { row: 0 })
+            && same_bits(&exps[i], &before);
+
+        piece_backward_from_exps(ce, &mut exps[i], p, t, &own[i], &merged)
+            .expect("piece_backward_from_exps");
+        piece_backward_from_exps(ce, &mut over_logits[i], p, t, &own[i], &merged)
+            .expect("piece_backward_from_exps (exps stored in place)");
+        ok &= agree_all(&exps[i], &cut(unsplit.grad, p)) && same_bits(&exps[i], &over_logits[i]);
+    }
     ok
 }
 
@@ -435,6 +583,9 @@ fn main() {
         .collect();
     let targets: Vec<u32> = (0..ROWS as u32).map(|r| (r * 11) % K as u32).collect();
     let weights: Vec<f32> = (0..K).map(|k| 0.5 + (k % 3) as f32 * 0.25).collect();
+    // Class 7 masked: in the second piece (of whole vectors), and no row's target.
+    let mask: Vec<bool> = (0..K).map(|k| k != 7).collect();
+    assert!(targets.iter().all(|&t| t != 7));
 
     // The scalar helpers.
     let mut row_grad = vec![0.0_f64; K];
@@ -457,22 +608,27 @@ fn main() {
         }
         for smoothing in [Smoothing::Uniform(0.1), Smoothing::OffTarget(0.2)] {
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                for options in 0..2 {
+                for options in 0..3 {
                     let mut ce = CrossEntropy::new(K)
                         .smoothing(smoothing)
                         .reduction(reduction)
                         .ignore_index(u32::MAX)
                         .backend(backend);
-                    if options == 1 {
-                        ce = ce
-                            .class_weights(&weights)
-                            .z_loss(1e-3)
-                            .logit_scale(0.75)
-                            .softcap(20.0);
+                    // 1: every option with a soft-cap; 2: the same without (which the one-exp
+                    // piece calls support) and with a masked class.
+                    if options >= 1 {
+                        ce = ce.class_weights(&weights).z_loss(1e-3).logit_scale(0.75);
+                    }
+                    let softcap = options == 1;
+                    if softcap {
+                        ce = ce.softcap(20.0);
+                    }
+                    if options == 2 {
+                        ce = ce.class_mask(&mask);
                     }
                     let ce = black_box(ce);
                     assert!(
-                        check(&ce, &logits, &targets),
+                        check(&ce, &logits, &targets, softcap),
                         "{backend:?} {smoothing:?} {reduction:?} options {options}: disagrees with the reference (or, in pieces, with the unsplit kernel)"
                     );
                     checked += 1;
@@ -480,5 +636,5 @@ fn main() {
             }
         }
     }
-    println!("no-panic host check: every wrapper linked; {checked} configurations agreed with the reference, and in 3 pieces with the unsplit kernel");
+    println!("no-panic host check: every wrapper linked; {checked} configurations agreed with the reference, and in 3 pieces (both forms) with the unsplit kernel");
 }

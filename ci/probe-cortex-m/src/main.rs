@@ -1,8 +1,8 @@
 //! Panic-freedom probe for `smoothce` on a microcontroller target (thumbv7em-none-eabihf).
 //!
 //! `main` calls every public compute function of the crate (the six `CrossEntropy` entry points,
-//! the vocabulary-piece API with `RowState`'s methods, the `reference` functions and the small
-//! helpers) on inputs hidden from the optimiser by
+//! the vocabulary-piece API in both its forms with `RowState`'s methods, the `reference`
+//! functions and the small helpers) on inputs hidden from the optimiser by
 //! `core::hint::black_box`: the configuration, every option, the target type, the extras and the
 //! slices are all opaque, so no code path can be constant-folded away. The `#[panic_handler]`
 //! calls an `extern "C"` function that is declared but defined nowhere: if any panic is reachable
@@ -232,6 +232,40 @@ fn main() -> ! {
     );
     black_box(
         ce.piece_backward_in_place(black_box(&mut logits[..]), piece, t(), merged)
+            .ok(),
+    );
+
+    // The one-exp form of steps 1 and 3: the piece's own states with its exps kept (in a separate
+    // buffer and over the logits), then the exps rescaled into the gradient from the own and the
+    // merged states.
+    let mut own = [RowState::EMPTY; ROWS];
+    let z: &[f32] = black_box(&logits[..]);
+    black_box(
+        ce.piece_states_and_exps(
+            z,
+            piece,
+            t(),
+            black_box(&mut own[..]),
+            black_box(&mut grad[..]),
+        )
+        .ok(),
+    );
+    black_box(
+        ce.piece_states_and_exps_in_place(
+            black_box(&mut logits[..]),
+            piece,
+            t32,
+            black_box(&mut own[..]),
+        )
+        .ok(),
+    );
+    let own: &[RowState] = black_box(&own[..]);
+    black_box(
+        ce.piece_backward_from_exps(black_box(&mut grad[..]), piece, t(), own, merged)
+            .ok(),
+    );
+    black_box(
+        ce.piece_backward_from_exps(black_box(&mut logits[..]), piece, t32, own, merged)
             .ok(),
     );
 
