@@ -923,6 +923,33 @@ fn load_at<V: Vector>(s: &[f32], offset: usize, fill: f32) -> V {
     V::load_prefix(s.get(offset..).unwrap_or(&[]), fill)
 }
 
+/// A per-class row read alongside the logits (class weights, target probabilities), split into
+/// whole vectors once per row: a vector at a multiple of `LANES` then costs one index check, not
+/// the slice arithmetic of [`load_at`] (which the rest still takes, padded with 0).
+#[derive(Clone, Copy)]
+struct AuxRow<'a, V: Vector> {
+    arrays: &'a [V::Array],
+    row: &'a [f32],
+}
+
+impl<'a, V: Vector> AuxRow<'a, V> {
+    #[inline(always)]
+    fn new(row: &'a [f32]) -> Self {
+        AuxRow {
+            arrays: V::split(row).0,
+            row,
+        }
+    }
+
+    #[inline(always)]
+    fn at(&self, offset: usize) -> V {
+        match self.arrays.get(offset / V::LANES) {
+            Some(a) if offset.is_multiple_of(V::LANES) => V::load(a),
+            _ => load_at::<V>(self.row, offset, 0.0),
+        }
+    }
+}
+
 /// `z` with the lanes that the class mask disallows replaced by `-inf` (past the end of the
 /// mask: `-inf` too, which only tail padding can reach).
 #[inline(always)]
@@ -1068,15 +1095,18 @@ impl Stats {
 
 /// The per-row constants every vector op needs.
 #[derive(Clone, Copy)]
-struct Lanes<'a, V> {
+struct Lanes<'a, V: Vector> {
     /// `m`, the max of `t`.
     m: V,
-    /// The logit scale `s`, unless it is 1.
-    scale: Option<V>,
+    /// The logit scale `s` (1 when not set: a multiply by 1 changes no bit, and costs less in
+    /// the loops than a per-vector branch on an `Option`).
+    scale: V,
+    /// Whether the logit scale is set.
+    scaled: bool,
     /// `c` and `s / c`, if soft-capping.
     cap: Option<(V, V)>,
     /// The auxiliary row, if any.
-    aux: Option<&'a [f32]>,
+    aux: Option<AuxRow<'a, V>>,
     /// The class mask, if any.
     mask: Option<&'a [bool]>,
 }
@@ -1086,11 +1116,12 @@ impl<'a, V: Vector> Lanes<'a, V> {
     fn new(m: f32, transform: Transform, aux: Option<&'a [f32]>, mask: Option<&'a [bool]>) -> Self {
         Lanes {
             m: V::splat(m),
-            scale: (transform.scale != 1.0).then(|| V::splat(transform.scale)),
+            scale: V::splat(transform.scale),
+            scaled: transform.scale != 1.0,
             cap: transform
                 .cap
                 .map(|c| (V::splat(c), V::splat(transform.scale / c))),
-            aux,
+            aux: aux.map(AuxRow::new),
             mask,
         }
     }
@@ -1101,10 +1132,7 @@ impl<'a, V: Vector> Lanes<'a, V> {
     fn transformed(&self, z: V) -> V {
         match self.cap {
             Some((c, s_over_c)) => tanh(z.mul(s_over_c)).mul(c),
-            None => match self.scale {
-                Some(s) => z.mul(s),
-                None => z,
-            },
+            None => z.mul(self.scale),
         }
     }
 
@@ -1135,19 +1163,18 @@ impl<'a, V: Vector> Lanes<'a, V> {
             Some(mask) => apply_mask(mask, offset, z),
             None => z,
         };
-        match (self.scale, self.cap) {
-            (Some(s), None) => {
-                let ninf = V::splat(f32::NEG_INFINITY);
-                z.mul(s).select_eq(ninf, ninf, z)
-            }
-            _ => z,
+        if self.scaled && self.cap.is_none() {
+            let ninf = V::splat(f32::NEG_INFINITY);
+            z.mul(self.scale).select_eq(ninf, ninf, z)
+        } else {
+            z
         }
     }
 }
 
 /// Pass 2: `e = exp(t - m)`, summed with `t - m` (and the auxiliary sums); returns `e` (or `-1`
 /// for masked lanes in the careful variant). Flushes into f64 at every block end.
-struct SumExp<'a, V, const CAREFUL: bool> {
+struct SumExp<'a, V: Vector, const CAREFUL: bool> {
     lanes: Lanes<'a, V>,
     sum: [V; 4],
     shifted: [V; 4],
@@ -1210,7 +1237,7 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
         self.scaled = self.scaled.add(scaled);
         self.allowed = self.allowed.add(z.select_eq(ninf, zero, V::splat(1.0)));
         if let Some(aux) = self.lanes.aux {
-            let v = load_at::<V>(aux, offset, 0.0);
+            let v = aux.at(offset);
             self.aux_scaled = v.mul_add(scaled, self.aux_scaled);
             self.aux_sum[slot] = self.aux_sum[slot].add(z.select_eq(ninf, zero, v));
             self.aux_masked = self.aux_masked.add(z.select_eq(ninf, v, zero));
@@ -1254,7 +1281,7 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
         self.sum[slot] = self.sum[slot].add(e);
         self.shifted[slot] = self.shifted[slot].add(t);
         if let Some(aux) = self.lanes.aux {
-            let v = load_at::<V>(aux, offset, 0.0);
+            let v = aux.at(offset);
             self.aux_shifted[slot] = v.mul_add(t, self.aux_shifted[slot]);
             if self.aux_fixed.is_none() {
                 self.aux_sum[slot] = self.aux_sum[slot].add(v);
@@ -1312,9 +1339,9 @@ struct GradLanes<V> {
 
 /// Pass 3 of the reload strategy, over the stored exps. The careful variant zeroes lanes holding
 /// the masked marker `-1`.
-struct Scale<'a, V, const CAREFUL: bool> {
+struct Scale<'a, V: Vector, const CAREFUL: bool> {
     grad: GradLanes<V>,
-    aux: Option<&'a [f32]>,
+    aux: Option<AuxRow<'a, V>>,
 }
 
 impl<V: Vector, const CAREFUL: bool> Scale<'_, V, CAREFUL> {
@@ -1328,7 +1355,7 @@ impl<V: Vector, const CAREFUL: bool> Scale<'_, V, CAREFUL> {
     fn plain(&self, offset: usize, e: V) -> V {
         let g = e.mul_add(self.grad.a, self.grad.b);
         match self.aux {
-            Some(aux) => load_at::<V>(aux, offset, 0.0).mul_add(self.grad.c, g),
+            Some(aux) => aux.at(offset).mul_add(self.grad.c, g),
             None => g,
         }
     }
@@ -1352,7 +1379,7 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for Scale<'_, V, CAREFUL> {
 
 /// Pass 2 of the recompute strategy: `g = (exp(t - m) a + b + c v) f'(z)`, masked lanes zero
 /// when careful.
-struct Recompute<'a, V, const CAREFUL: bool> {
+struct Recompute<'a, V: Vector, const CAREFUL: bool> {
     lanes: Lanes<'a, V>,
     grad: GradLanes<V>,
 }
@@ -1363,7 +1390,7 @@ impl<V: Vector, const CAREFUL: bool> Recompute<'_, V, CAREFUL> {
         let e = exp_nonpositive(self.lanes.shifted(z));
         let g = e.mul_add(self.grad.a, self.grad.b);
         let g = match self.lanes.aux {
-            Some(aux) => load_at::<V>(aux, offset, 0.0).mul_add(self.grad.c, g),
+            Some(aux) => aux.at(offset).mul_add(self.grad.c, g),
             None => g,
         };
         match self.lanes.cap {
@@ -1963,6 +1990,7 @@ fn write_gradient<V: Vector>(
         .zip(piece.target_index)
         .and_then(|(factor, local)| Some(f64::from(io.get_out(local)?) * factor));
     if stored_exps.is_some() {
+        let aux = aux.map(AuxRow::new);
         if masked {
             io.map_out(0.0, &mut Scale::<V, true> { grad, aux });
         } else {
