@@ -378,8 +378,8 @@ fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buff
             Some(width) => {
                 for (row, (z, state)) in split_rows(logits, width).zip(states).enumerate() {
                     *state = match job.row_target(&targets, row) {
-                        Some(RowTarget::Class(y)) => piece_state::<V>(job, z, piece, y),
-                        _ => RowState::EMPTY,
+                        Some(target) => piece_state::<V>(job, z, piece, target),
+                        None => RowState::EMPTY,
                     };
                 }
             }
@@ -579,26 +579,40 @@ fn piece_gradients<V: RowKernels>(
     }
 }
 
-/// The per-class inputs of a piece: its slices of the class weights (PyTorch semantics) and of
-/// the class mask.
-fn piece_inputs<'a>(job: &Job<'a>, piece: Piece) -> (Option<&'a [f32]>, Option<&'a [bool]>) {
+/// The per-class inputs of a piece of a row: its slices of the auxiliary row (class weights with
+/// PyTorch semantics, or the row's target probabilities) and of the class mask.
+fn piece_inputs<'a>(
+    job: &Job<'a>,
+    piece: Piece,
+    target: RowTarget<'a>,
+) -> (Option<&'a [f32]>, Option<&'a [bool]>) {
     let range = piece.offset..piece.offset.saturating_add(piece.width);
-    let aux = match job.weights {
-        Weights::PerClass(w) => Some(w.get(range.clone()).unwrap_or(&[])),
-        _ => None,
-    };
+    let aux = aux_row(job, target).map(|a| a.get(range.clone()).unwrap_or(&[]));
     (aux, job.class_mask.map(|m| m.get(range).unwrap_or(&[])))
 }
 
-/// The state of one piece of a row whose target is class `y` of the full row.
-#[inline(always)]
-fn piece_state<V: RowKernels>(job: &Job<'_>, z: &[f32], piece: Piece, y: usize) -> RowState {
-    let (aux, mask) = piece_inputs(job, piece);
-    RowState {
-        stats: V::stats(z, job.transform, aux, mask),
-        target_logit: y
+/// The target's logit, if `piece` holds the target class (class targets only).
+fn piece_target_logit(z: &[f32], piece: Piece, target: RowTarget<'_>) -> Option<f32> {
+    match target {
+        RowTarget::Class(y) => y
             .checked_sub(piece.offset)
             .and_then(|local| z.get(local).copied()),
+        RowTarget::Soft(_) => None,
+    }
+}
+
+/// The state of one piece of a row.
+#[inline(always)]
+fn piece_state<V: RowKernels>(
+    job: &Job<'_>,
+    z: &[f32],
+    piece: Piece,
+    target: RowTarget<'_>,
+) -> RowState {
+    let (aux, mask) = piece_inputs(job, piece, target);
+    RowState {
+        stats: V::stats(z, job.transform, aux, mask),
+        target_logit: piece_target_logit(z, piece, target),
     }
 }
 
@@ -612,16 +626,14 @@ pub(crate) fn piece_exps<V: RowKernels>(
     piece: Piece,
     target: Option<RowTarget<'_>>,
 ) -> RowState {
-    let Some(RowTarget::Class(y)) = target else {
+    let Some(target) = target else {
         io.fill(0.0);
         return RowState::EMPTY;
     };
-    let (aux, mask) = piece_inputs(job, piece);
+    let (aux, mask) = piece_inputs(job, piece, target);
     let transform = job.transform;
     let z = io.src();
-    let target_logit = y
-        .checked_sub(piece.offset)
-        .and_then(|local| z.get(local).copied());
+    let target_logit = piece_target_logit(z, piece, target);
     let mut mm = MaxMin::<V>::new(mask);
     fold(z, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
@@ -662,7 +674,7 @@ pub(crate) fn piece_gradient<V: RowKernels>(
         io.fill(0.0);
         return;
     };
-    let (aux, mask) = piece_inputs(job, piece);
+    let (aux, mask) = piece_inputs(job, piece, target);
     let target_index = match target {
         RowTarget::Class(y) => y.checked_sub(piece.offset).filter(|&i| i < piece.width),
         RowTarget::Soft(_) => None,

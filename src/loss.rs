@@ -797,8 +797,9 @@ impl<'a> CrossEntropy<'a> {
     ///
     /// [`Error::PieceOutOfRange`] when the piece does not fit in `K` classes,
     /// [`Error::LogitsLength`] when `logits.len() != N * piece.width`, [`Error::LossesLength`]
-    /// when `states.len() != N`, [`Error::Unsupported`] for soft targets, and the configuration
-    /// and target errors of [`forward`](Self::forward). Nothing is written then.
+    /// when `states.len() != N`, and the configuration and target errors of
+    /// [`forward`](Self::forward) (soft targets are the full `[N, K]` probability rows). Nothing
+    /// is written then.
     ///
     /// ```
     /// use smoothce::{CrossEntropy, Piece, RowState};
@@ -838,7 +839,9 @@ impl<'a> CrossEntropy<'a> {
     /// # Errors
     ///
     /// As [`forward_with`](Self::forward_with), with `states.len()` as the row count
-    /// ([`Error::LossesLength`] when it differs from the targets').
+    /// ([`Error::LossesLength`] when it differs from the targets'), and
+    /// [`Error::Unsupported`] for `extras.correct` with soft targets (the states do not hold the
+    /// most probable class's logit).
     ///
     /// ```
     /// use smoothce::{CrossEntropy, Extras, Piece, RowState};
@@ -864,7 +867,12 @@ impl<'a> CrossEntropy<'a> {
                 actual: losses.len(),
             });
         }
-        Self::reject_soft(targets)?;
+        if matches!(targets, Targets::Soft(_)) && extras.correct.is_some() {
+            // The most probable target class's logit is not in the states.
+            return Err(Error::Unsupported {
+                what: "per-row correctness of soft targets from piece states",
+            });
+        }
         let plan = self.plan(0, Some(0), targets, losses.len(), None, &extras)?;
         self.execute(
             &plan,
@@ -1157,15 +1165,6 @@ impl<'a> CrossEntropy<'a> {
         Ok(plan.summary(totals))
     }
 
-    fn reject_soft(targets: Targets<'_>) -> Result<(), Error> {
-        if matches!(targets, Targets::Soft(_)) {
-            return Err(Error::Unsupported {
-                what: "soft targets with vocabulary pieces",
-            });
-        }
-        Ok(())
-    }
-
     /// The checks of a piece call.
     fn plan_piece(
         &self,
@@ -1175,7 +1174,6 @@ impl<'a> CrossEntropy<'a> {
         states_len: usize,
         grad_len: Option<usize>,
     ) -> Result<Plan<'a>, Error> {
-        Self::reject_soft(targets)?;
         self.validate_config()?;
         let fits = piece
             .offset

@@ -35,12 +35,15 @@
 //!
 //! The smoothing always uses the global number of classes `K` (and the global count of allowed
 //! classes when some are masked), never the piece's: Megatron-LM's local-`K` bug cannot happen.
-//! Every option of [`CrossEntropy`] works in pieces except soft targets (an
-//! [`Error::Unsupported`](crate::Error::Unsupported)). Two limits: the piece gradients take no per-row upstream scales
-//! (`Extras::row_scales`; with [`Reduction::None`](crate::Reduction::None) scale the gradient
-//! rows yourself), and off-target smoothing with `eps > 2/3` on a row whose target logit lies so
-//! far below the others that it swamps them in f32 (`[-1e30, 1, 0, 0.5]`) keeps the cancellation
-//! that the unsplit calls avoid with an exact sum of the other classes.
+//! Every option of [`CrossEntropy`] works in pieces, soft targets included (each piece reads its
+//! columns of the full `[N, K]` probability rows, passed to every step). Three limits: the
+//! per-row correctness of soft-target rows is not in the states
+//! ([`finish_states`](CrossEntropy::finish_states) refuses `Extras::correct` for soft targets
+//! with an [`Error::Unsupported`](crate::Error::Unsupported)); the piece gradients take no
+//! per-row upstream scales (`Extras::row_scales`; with [`Reduction::None`](crate::Reduction::None)
+//! scale the gradient rows yourself); and off-target smoothing with `eps > 2/3` on a row whose
+//! target logit lies so far below the others that it swamps them in f32 (`[-1e30, 1, 0, 0.5]`)
+//! keeps the cancellation that the unsplit calls avoid with an exact sum of the other classes.
 //!
 //! ```
 //! use smoothce::{CrossEntropy, Extras, Piece, RowState, Smoothing};

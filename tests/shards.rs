@@ -28,6 +28,8 @@ struct Case {
     softcap: Option<f32>,
     scale: f32,
     mask: Option<Vec<bool>>,
+    /// Soft targets (`[N, K]` probability rows) instead of the class targets.
+    soft: Option<Vec<f32>>,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -67,6 +69,13 @@ fn case() -> impl Strategy<Value = Case> {
                         prop::collection::vec(prop::bool::weighted(0.85), classes),
                     ),
                 ),
+                prop::option::weighted(
+                    0.25,
+                    prop::collection::vec(
+                        prop_oneof![2 => Just(0.0_f32), 3 => 0.0_f32..1.0],
+                        rows * classes,
+                    ),
+                ),
             )
         })
         .prop_map(
@@ -78,8 +87,22 @@ fn case() -> impl Strategy<Value = Case> {
                 order_seed,
                 (eps, off, reduction),
                 (weights, z_loss, softcap, scale, mask),
+                soft,
             )| {
                 cuts.sort_unstable();
+                // Probability rows (a row of zeros stays: no target mass at all).
+                let soft = soft.map(|mut t| {
+                    for row in t.chunks_mut(classes) {
+                        let sum: f32 = row.iter().sum();
+                        if sum > 0.0 {
+                            for p in row.iter_mut() {
+                                *p /= sum;
+                            }
+                        }
+                    }
+                    t
+                });
+                let is_soft = soft.is_some();
                 Case {
                     classes,
                     logits,
@@ -87,9 +110,10 @@ fn case() -> impl Strategy<Value = Case> {
                     cuts,
                     order_seed,
                     eps,
-                    off_target: off && classes >= 2,
+                    // Soft targets take neither off-target smoothing nor class weights.
+                    off_target: off && classes >= 2 && !is_soft,
                     reduction,
-                    weights,
+                    weights: weights.filter(|_| !is_soft),
                     z_loss,
                     softcap,
                     scale,
@@ -97,6 +121,7 @@ fn case() -> impl Strategy<Value = Case> {
                         m[0] = true;
                         m
                     }),
+                    soft,
                 }
             },
         )
@@ -110,7 +135,6 @@ fn config(c: &Case, backend: Backend) -> CrossEntropy<'_> {
             Smoothing::Uniform(c.eps)
         })
         .reduction(c.reduction)
-        .ignore_index_signed(-1)
         .z_loss(c.z_loss)
         .logit_scale(c.scale)
         .backend(backend);
@@ -123,6 +147,9 @@ fn config(c: &Case, backend: Backend) -> CrossEntropy<'_> {
     }
     if let Some(cap) = c.softcap {
         ce = ce.softcap(cap);
+    }
+    if c.soft.is_none() {
+        ce = ce.ignore_index_signed(-1);
     }
     if let Some(m) = &c.mask {
         ce = ce.class_mask(m);
@@ -175,7 +202,10 @@ fn merge_shuffled(mut parts: Vec<RowState>, mut seed: u64) -> RowState {
 fn check(c: &Case) -> Result<(), TestCaseError> {
     let n = c.targets.len();
     let k = c.classes;
-    let targets = Targets::I64(&c.targets);
+    let targets = match &c.soft {
+        Some(t) => Targets::Soft(t),
+        None => Targets::I64(&c.targets),
+    };
     let extra = c
         .softcap
         .map_or(0.0, |cap| 8.0 * f64::from(cap) * f64::from(f32::EPSILON));
@@ -326,7 +356,10 @@ fn check_stored_exps(
 ) -> Result<(), String> {
     let n = c.targets.len();
     let k = c.classes;
-    let targets = Targets::I64(&c.targets);
+    let targets = match &c.soft {
+        Some(t) => Targets::Soft(t),
+        None => Targets::I64(&c.targets),
+    };
     let loss_tol = 2.0 * reference::LOSS_TOLERANCE;
     let mut own: Vec<Vec<RowState>> = Vec::new();
     let mut kept: Vec<Vec<f32>> = Vec::new();
@@ -406,7 +439,7 @@ proptest! {
 }
 
 #[test]
-fn pieces_must_fit_and_soft_targets_are_refused() {
+fn pieces_must_fit_and_soft_target_correctness_is_refused() {
     let ce = CrossEntropy::new(4);
     let mut states = [RowState::EMPTY];
     let err = ce
@@ -441,19 +474,52 @@ fn pieces_must_fit_and_soft_targets_are_refused() {
         .unwrap_err();
     assert!(matches!(err, Error::PieceOutOfRange { .. }));
     assert_eq!(states, [RowState::EMPTY]);
-    let soft = [0.5_f32; 4];
+    // Soft targets work in pieces, but their per-row correctness is not in the states.
+    let soft = [0.5_f32, 0.0, 0.25, 0.25];
+    ce.piece_states(
+        &[0.0, 1.0, 2.0, 3.0],
+        Piece {
+            offset: 0,
+            width: 4,
+        },
+        Targets::Soft(&soft),
+        &mut states,
+    )
+    .unwrap();
+    let mut losses = [7.0_f32];
+    let mut correct = [true];
     let err = ce
-        .piece_states(
-            &[0.0; 4],
-            Piece {
-                offset: 0,
-                width: 4,
-            },
+        .finish_states(
+            &states,
             Targets::Soft(&soft),
-            &mut states,
+            &mut losses,
+            Extras {
+                correct: Some(&mut correct),
+                ..Extras::default()
+            },
         )
         .unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }));
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    assert_eq!((losses, correct), ([7.0], [true]));
+    ce.finish_states(
+        &states,
+        Targets::Soft(&soft),
+        &mut losses,
+        Extras::default(),
+    )
+    .unwrap();
+    let mut whole = [0.0_f32];
+    ce.forward_with(
+        &[0.0, 1.0, 2.0, 3.0],
+        Targets::Soft(&soft),
+        &mut whole,
+        Extras::default(),
+    )
+    .unwrap();
+    assert!(
+        (losses[0] - whole[0]).abs() < 1e-6,
+        "{losses:?} vs {whole:?}"
+    );
     let mut grad = [7.0_f32; 2];
     let err = ce
         .piece_backward(
