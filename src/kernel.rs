@@ -130,9 +130,6 @@ pub(crate) struct Job<'a> {
     pub z_loss: f64,
     /// Class weights.
     pub weights: Weights<'a>,
-    /// `sum_k w_k` of per-class weights without a class mask (the auxiliary sum of every row
-    /// whose classes are all allowed); 0 otherwise.
-    pub class_weight_sum: f64,
     /// `true` for every allowed class, if a class mask is set.
     pub class_mask: Option<&'a [bool]>,
     /// Per-row upstream gradient scales (reduction `None`).
@@ -647,9 +644,9 @@ pub(crate) fn piece_exps<V: RowKernels>(
     } else {
         let lanes = Lanes::new(m, transform, aux, mask);
         if needs_care(m, tmin) || mask.is_some() {
-            sums_map::<V, true>(&mut io, m, lanes, None)
+            sums_map::<V, true>(&mut io, m, lanes)
         } else {
-            sums_map::<V, false>(&mut io, m, lanes, None)
+            sums_map::<V, false>(&mut io, m, lanes)
         }
     };
     RowState {
@@ -1201,9 +1198,6 @@ struct SumExp<'a, V: Vector, const CAREFUL: bool> {
     fast_count: u64,
     /// Vectors added since the last flush.
     pending: u32,
-    /// The auxiliary sum, when known before the pass (class weights, every class allowed): the
-    /// fast lanes then skip accumulating it.
-    aux_fixed: Option<f64>,
     total: Stats,
     /// The next block of the row, prefetched while this one is summed from L1 (see
     /// [`stats_inline`]).
@@ -1226,7 +1220,6 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
             aux_masked: zero,
             fast_count: 0,
             pending: 0,
-            aux_fixed: None,
             total: Stats {
                 max,
                 ..Stats::EMPTY
@@ -1263,12 +1256,6 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
             invalid: self.total.shifted_sum.is_nan()
                 || self.total.sum_exp.is_nan()
                 || self.total.aux_shifted.is_nan(),
-            // Only fast rows have it: every lane of the whole vectors is allowed, and the tail's
-            // masked lanes (`-inf` logits) are in `aux_masked`.
-            aux_sum: match self.aux_fixed {
-                Some(sum) if !CAREFUL => sum - self.total.aux_masked,
-                _ => self.total.aux_sum,
-            },
             ..self.total
         }
     }
@@ -1295,9 +1282,7 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
         if let Some(aux) = self.lanes.aux {
             let v = aux.at(offset);
             self.aux_shifted[slot] = v.mul_add(t, self.aux_shifted[slot]);
-            if self.aux_fixed.is_none() {
-                self.aux_sum[slot] = self.aux_sum[slot].add(v);
-            }
+            self.aux_sum[slot] = self.aux_sum[slot].add(v);
         }
         self.fast_count += V::LANES as u64;
         e
@@ -1896,14 +1881,9 @@ pub(crate) fn gradient_row<V: RowKernels>(
             let rest = exact_rest(job, z, target, m);
             let lanes = Lanes::new(m, transform, aux, mask);
             let stats = if needs_care(m, tmin) || mask.is_some() {
-                sums_map::<V, true>(&mut io, m, lanes, None)
+                sums_map::<V, true>(&mut io, m, lanes)
             } else {
-                // Every class allowed: the class weights' sum is the call's.
-                let fixed = match (target, job.weights) {
-                    (RowTarget::Class(_), Weights::PerClass(_)) => Some(job.class_weight_sum),
-                    _ => None,
-                };
-                sums_map::<V, false>(&mut io, m, lanes, fixed)
+                sums_map::<V, false>(&mut io, m, lanes)
             };
             (stats, rest)
         }
@@ -2074,14 +2054,8 @@ fn write_gradient<V: Vector>(
 }
 
 #[inline(always)]
-fn sums_map<V: Vector, const CAREFUL: bool>(
-    io: &mut Io<'_>,
-    m: f32,
-    lanes: Lanes<'_, V>,
-    aux_fixed: Option<f64>,
-) -> Stats {
+fn sums_map<V: Vector, const CAREFUL: bool>(io: &mut Io<'_>, m: f32, lanes: Lanes<'_, V>) -> Stats {
     let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
-    op.aux_fixed = aux_fixed;
     io.map(f32::NEG_INFINITY, &mut op, false);
     op.stats()
 }

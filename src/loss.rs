@@ -1316,11 +1316,6 @@ impl<'a> CrossEntropy<'a> {
         } else {
             0.0
         };
-        // Every row with no masked class has the same sum of class weights: once per call.
-        let class_weight_sum = match (self.weights, self.class_mask) {
-            (Some((w, WeightMode::PerClass)), None) => w.iter().map(|&v| f64::from(v)).sum(),
-            _ => 0.0,
-        };
         let weights = match self.weights {
             Some((w, WeightMode::PerClass)) => Weights::PerClass(w),
             Some((w, WeightMode::PerTarget)) => Weights::PerTarget(w),
@@ -1339,7 +1334,6 @@ impl<'a> CrossEntropy<'a> {
                 },
                 z_loss: f64::from(self.z_loss),
                 weights,
-                class_weight_sum,
                 class_mask: self.class_mask,
                 row_scales: extras.row_scales,
                 want_correct: extras.correct.is_some(),
@@ -1370,12 +1364,13 @@ impl<'a> CrossEntropy<'a> {
                     actual: w.len(),
                 });
             }
-            if let Some((class, &value)) = w
-                .iter()
-                .enumerate()
-                .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
-            {
-                return Err(Error::InvalidWeight { class, value });
+            // One branch-free pass (it vectorizes: a short-circuiting search over 32000 weights
+            // cost a fifth of a [16, 32000] call), then the search only if something is wrong.
+            let valid = |v: f32| (0.0..=f32::MAX).contains(&v);
+            if !w.iter().fold(true, |ok, &v| ok & valid(v)) {
+                if let Some((class, &value)) = w.iter().enumerate().find(|(_, v)| !valid(**v)) {
+                    return Err(Error::InvalidWeight { class, value });
+                }
             }
         }
         let positive = |v: f32| v.is_finite() && v > 0.0;
