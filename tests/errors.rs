@@ -218,6 +218,14 @@ const BAD_WEIGHTS: [[f32; 3]; 4] = [
     [1.0, -0.5, f32::NAN],
 ];
 
+/// A long weight row, bad far from its start (the valid check is one pass over every weight).
+const LONG_BAD_WEIGHTS: [f32; 64] = {
+    let mut w = [1.0_f32; 64];
+    w[50] = -2.0;
+    w[60] = f32::NAN;
+    w
+};
+
 /// The option values and combinations that are rejected.
 #[allow(clippy::too_many_lines)]
 fn option_cases() -> Vec<Case> {
@@ -289,6 +297,20 @@ fn option_cases() -> Vec<Case> {
                 Error::InvalidWeight { class, value },
             ));
         }
+    }
+    for ce in [
+        CrossEntropy::new(64).class_weights(&LONG_BAD_WEIGHTS),
+        CrossEntropy::new(64).target_weights(&LONG_BAD_WEIGHTS),
+    ] {
+        cases.push(Case::new(
+            "invalid weight in a long row",
+            ce,
+            2,
+            Error::InvalidWeight {
+                class: 50,
+                value: -2.0,
+            },
+        ));
     }
     let bad_options = [
         ("z_loss", base.z_loss(-1e-4), -1e-4),
