@@ -212,8 +212,8 @@ pub(crate) enum Buffers<'a> {
         /// One merged state per row.
         states: &'a [RowState],
     },
-    /// The states of one piece, storing each row's exps relative to the piece's own max into
-    /// `exps` (or over `logits`, when `exps` is `None`).
+    /// The states of one piece, storing each row's exps relative to the piece's own max into a
+    /// separate buffer or over the logits.
     PieceExps {
         /// `[N, width]` logits of the piece (overwritten by the exps when in place).
         logits: PieceLogits<'a>,
