@@ -20,6 +20,8 @@
 //! `cargo bench --bench kernels -- 'forward_backward/(avx512|reference)'`. Summarise the results
 //! with `python3 scripts/bench_ratios.py`.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,8 @@ use criterion::{
     Throughput,
 };
 use smoothce::{reference, Backend, CrossEntropy, Reduction, Smoothing};
+
+use common::SplitMix64;
 
 /// The benchmarked shapes `(N, K)`.
 const SHAPES: [(usize, usize); 5] = [
@@ -59,36 +63,6 @@ const IN_PLACE_MAX_COPIES: usize = 4;
 
 /// Standard deviation of the generated logits.
 const LOGIT_STD: f64 = 3.0;
-
-/// SplitMix64: a small, fixed-seed generator, so that every run sees the same data.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `(0, 1]`.
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1_u64 << 53) as f64)
-    }
-
-    /// A pair of independent standard normal values (Box-Muller).
-    fn normal_pair(&mut self) -> (f64, f64) {
-        let radius = (-2.0 * self.unit().ln()).sqrt();
-        let angle = std::f64::consts::TAU * self.unit();
-        (radius * angle.cos(), radius * angle.sin())
-    }
-
-    /// Uniform in `0..bound`.
-    fn below(&mut self, bound: usize) -> u32 {
-        ((u128::from(self.next_u64()) * bound as u128) >> 64) as u32
-    }
-}
 
 /// The inputs and outputs of one shape, allocated and written once.
 struct Data {
