@@ -201,56 +201,50 @@ pub(crate) enum Buffers<'a> {
         /// One merged state per row.
         states: &'a [RowState],
     },
-    /// The gradient of one piece from merged states, into `grad` or over `logits`.
-    PieceGradient {
-        /// `[N, width]` logits of the piece.
-        logits: &'a [f32],
-        /// `[N, width]` gradient of the piece.
-        grad: &'a mut [f32],
-        /// Where the piece sits.
-        piece: Piece,
-        /// One merged state per row.
-        states: &'a [RowState],
-    },
     /// The states of one piece, storing each row's exps relative to the piece's own max into a
     /// separate buffer or over the logits.
     PieceExps {
-        /// `[N, width]` logits of the piece (overwritten by the exps when in place).
+        /// `[N, width]` logits of the piece, and where the exps go.
         logits: PieceLogits<'a>,
         /// Where the piece sits.
         piece: Piece,
         /// One state per row.
         states: &'a mut [RowState],
     },
-    /// The gradient of one piece from its stored exps, its own states and the merged ones,
-    /// written over the exps.
-    PieceScale {
-        /// `[N, width]` exps of the piece, overwritten by the gradient.
-        exps: &'a mut [f32],
-        /// Where the piece sits.
-        piece: Piece,
-        /// The piece's own states, one per row.
-        own: &'a [RowState],
-        /// The merged states, one per row.
-        merged: &'a [RowState],
-    },
-    /// The gradient of one piece from merged states, over its logits.
-    PieceGradientInPlace {
-        /// `[N, width]` logits of the piece, overwritten by the gradient.
-        logits: &'a mut [f32],
+    /// The gradient of one piece from merged states: recomputed from its logits, or, given the
+    /// piece's `own` states, rescaled from the exps `PieceExps` stored (`logits` then holds them).
+    PieceGradient {
+        /// `[N, width]` logits (or stored exps) of the piece, and where the gradient goes.
+        logits: PieceLogits<'a>,
         /// Where the piece sits.
         piece: Piece,
         /// One merged state per row.
-        states: &'a [RowState],
+        merged: &'a [RowState],
+        /// The piece's own states, one per row, for stored exps.
+        own: Option<&'a [RowState]>,
     },
 }
 
-/// The logits of a [`Buffers::PieceExps`] call and where the exps go.
+/// A piece's input rows and where its per-element output goes: a separate buffer, or over the
+/// input.
 pub(crate) enum PieceLogits<'a> {
-    /// Logits kept, exps into the second slice.
+    /// Input kept, output into the second slice.
     Separate(&'a [f32], &'a mut [f32]),
-    /// Logits overwritten by the exps.
+    /// Input overwritten by the output.
     InPlace(&'a mut [f32]),
+}
+
+impl<'a> PieceLogits<'a> {
+    fn rows(self, width: NonZeroUsize) -> Rows<'a> {
+        match self {
+            PieceLogits::Separate(logits, grad) => Rows::Separate {
+                logits,
+                grad,
+                width,
+            },
+            PieceLogits::InPlace(logits) => Rows::InPlace { logits, width },
+        }
+    }
 }
 
 /// Per-row outputs of a batch; lengths already checked.
@@ -381,50 +375,26 @@ fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buff
                 }
             }
         },
-        Buffers::PieceGradient {
-            logits,
-            grad,
-            piece,
-            states,
-        } => {
-            if let Some(width) = NonZeroUsize::new(piece.width) {
-                let rows = Rows::Separate {
-                    logits,
-                    grad,
-                    width,
-                };
-                piece_gradients::<V>(job, &targets, rows, piece, states, None);
-            }
-        }
-        Buffers::PieceGradientInPlace {
-            logits,
-            piece,
-            states,
-        } => {
-            if let Some(width) = NonZeroUsize::new(piece.width) {
-                let rows = Rows::InPlace { logits, width };
-                piece_gradients::<V>(job, &targets, rows, piece, states, None);
-            }
-        }
         Buffers::PieceExps {
             logits,
             piece,
             states,
-        } => {
-            piece_exps_rows::<V>(job, &targets, logits, piece, states);
-        }
-        Buffers::PieceScale {
-            exps,
+        } => match NonZeroUsize::new(piece.width) {
+            None => states.fill(RowState::EMPTY),
+            Some(width) => {
+                for (row, (io, state)) in logits.rows(width).zip(states.iter_mut()).enumerate() {
+                    *state = V::piece_exps(job, io, piece, job.row_target(&targets, row));
+                }
+            }
+        },
+        Buffers::PieceGradient {
+            logits,
             piece,
-            own,
             merged,
+            own,
         } => {
             if let Some(width) = NonZeroUsize::new(piece.width) {
-                let rows = Rows::InPlace {
-                    logits: exps,
-                    width,
-                };
-                piece_gradients::<V>(job, &targets, rows, piece, merged, Some(own));
+                piece_gradients::<V>(job, &targets, logits.rows(width), piece, merged, own);
             }
         }
         Buffers::Forward { .. }
@@ -530,32 +500,6 @@ fn gradient_rows<V: RowKernels>(
     for (row, io) in rows.enumerate() {
         let target = job.row_target(targets, row);
         record(row, V::gradient_row(job, io, target, row));
-    }
-}
-
-/// The states of one piece of every row, storing its exps.
-#[inline(always)]
-fn piece_exps_rows<V: RowKernels>(
-    job: &Job<'_>,
-    targets: &Targets<'_>,
-    logits: PieceLogits<'_>,
-    piece: Piece,
-    states: &mut [RowState],
-) {
-    let Some(width) = NonZeroUsize::new(piece.width) else {
-        states.fill(RowState::EMPTY);
-        return;
-    };
-    let rows = match logits {
-        PieceLogits::Separate(logits, grad) => Rows::Separate {
-            logits,
-            grad,
-            width,
-        },
-        PieceLogits::InPlace(logits) => Rows::InPlace { logits, width },
-    };
-    for (row, (io, state)) in rows.zip(states.iter_mut()).enumerate() {
-        *state = V::piece_exps(job, io, piece, job.row_target(targets, row));
     }
 }
 

@@ -819,7 +819,7 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<(), Error> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
-        self.execute(
+        self.execute_piece(
             &plan,
             targets,
             Buffers::PieceStates {
@@ -827,9 +827,7 @@ impl<'a> CrossEntropy<'a> {
                 piece,
                 states,
             },
-            outputs(&mut [], Extras::default()),
         )
-        .map(|_| ())
     }
 
     /// Step 3 of a split row: the per-row losses (and extras) and the reduced loss from the rows'
@@ -873,7 +871,11 @@ impl<'a> CrossEntropy<'a> {
                 what: "per-row correctness of soft targets from piece states",
             });
         }
-        let plan = self.plan(0, Some(0), targets, losses.len(), None, &extras)?;
+        let no_logits = Piece {
+            offset: 0,
+            width: 0,
+        };
+        let plan = self.plan(0, Some(no_logits), targets, losses.len(), None, &extras)?;
         self.execute(
             &plan,
             targets,
@@ -912,18 +914,16 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<(), Error> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), Some(grad.len()))?;
-        self.execute(
+        self.execute_piece(
             &plan,
             targets,
             Buffers::PieceGradient {
-                logits,
-                grad,
+                logits: PieceLogits::Separate(logits, grad),
                 piece,
-                states,
+                merged: states,
+                own: None,
             },
-            outputs(&mut [], Extras::default()),
         )
-        .map(|_| ())
     }
 
     /// As [`piece_backward`](Self::piece_backward), overwriting the piece's logits with its
@@ -953,17 +953,16 @@ impl<'a> CrossEntropy<'a> {
     ) -> Result<(), Error> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
-        self.execute(
+        self.execute_piece(
             &plan,
             targets,
-            Buffers::PieceGradientInPlace {
-                logits,
+            Buffers::PieceGradient {
+                logits: PieceLogits::InPlace(logits),
                 piece,
-                states,
+                merged: states,
+                own: None,
             },
-            outputs(&mut [], Extras::default()),
         )
-        .map(|_| ())
     }
 
     /// Step 1 of a split row, keeping the exps: as [`piece_states`](Self::piece_states), and
@@ -1022,7 +1021,7 @@ impl<'a> CrossEntropy<'a> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), Some(exps.len()))?;
         self.reject_softcap()?;
-        self.execute(
+        self.execute_piece(
             &plan,
             targets,
             Buffers::PieceExps {
@@ -1030,9 +1029,7 @@ impl<'a> CrossEntropy<'a> {
                 piece,
                 states,
             },
-            outputs(&mut [], Extras::default()),
         )
-        .map(|_| ())
     }
 
     /// As [`piece_states_and_exps`](Self::piece_states_and_exps), storing the exps over the
@@ -1064,7 +1061,7 @@ impl<'a> CrossEntropy<'a> {
         let targets = targets.into();
         let plan = self.plan_piece(logits.len(), piece, targets, states.len(), None)?;
         self.reject_softcap()?;
-        self.execute(
+        self.execute_piece(
             &plan,
             targets,
             Buffers::PieceExps {
@@ -1072,9 +1069,7 @@ impl<'a> CrossEntropy<'a> {
                 piece,
                 states,
             },
-            outputs(&mut [], Extras::default()),
         )
-        .map(|_| ())
     }
 
     /// Step 3 of a split row from stored exps: overwrites the exps that
@@ -1128,18 +1123,27 @@ impl<'a> CrossEntropy<'a> {
         {
             return Err(Error::StateMismatch { row });
         }
-        self.execute(
+        self.execute_piece(
             &plan,
             targets,
-            Buffers::PieceScale {
-                exps,
+            Buffers::PieceGradient {
+                logits: PieceLogits::InPlace(exps),
                 piece,
-                own,
                 merged,
+                own: Some(own),
             },
-            outputs(&mut [], Extras::default()),
         )
-        .map(|_| ())
+    }
+
+    /// [`execute`](Self::execute) for a piece call, which has no per-row outputs.
+    fn execute_piece(
+        &self,
+        plan: &Plan<'a>,
+        targets: Targets<'_>,
+        buffers: Buffers<'_>,
+    ) -> Result<(), Error> {
+        self.execute(plan, targets, buffers, outputs(&mut [], Extras::default()))
+            .map(|_| ())
     }
 
     fn reject_softcap(&self) -> Result<(), Error> {
@@ -1174,21 +1178,9 @@ impl<'a> CrossEntropy<'a> {
         states_len: usize,
         grad_len: Option<usize>,
     ) -> Result<Plan<'a>, Error> {
-        self.validate_config()?;
-        let fits = piece
-            .offset
-            .checked_add(piece.width)
-            .is_some_and(|end| end <= self.classes);
-        if !fits {
-            return Err(Error::PieceOutOfRange {
-                offset: piece.offset,
-                width: piece.width,
-                classes: self.classes,
-            });
-        }
         self.plan(
             logits_len,
-            Some(piece.width),
+            Some(piece),
             targets,
             states_len,
             grad_len,
@@ -1197,12 +1189,12 @@ impl<'a> CrossEntropy<'a> {
     }
 
     /// Checks every argument but the backend; counts the non-ignored rows and the mean's
-    /// denominator. `width` is the row width of `logits` (`K` unless a piece).
+    /// denominator. `logits` are whole rows, or the piece `piece` of each row.
     #[allow(clippy::too_many_lines)]
     pub(crate) fn plan<'p>(
         &self,
         logits_len: usize,
-        width: Option<usize>,
+        piece: Option<Piece>,
         targets: Targets<'_>,
         losses_len: usize,
         grad_len: Option<usize>,
@@ -1213,6 +1205,19 @@ impl<'a> CrossEntropy<'a> {
     {
         let classes = self.validate_config()?;
         let k = classes.get();
+        if let Some(piece) = piece {
+            let fits = piece
+                .offset
+                .checked_add(piece.width)
+                .is_some_and(|end| end <= k);
+            if !fits {
+                return Err(Error::PieceOutOfRange {
+                    offset: piece.offset,
+                    width: piece.width,
+                    classes: k,
+                });
+            }
+        }
         let rows = match targets {
             Targets::Soft(t) => {
                 if self.ignore_index.is_some() {
@@ -1241,7 +1246,7 @@ impl<'a> CrossEntropy<'a> {
             _ => targets.rows(k).unwrap_or(0),
         };
         let expected = rows
-            .checked_mul(width.unwrap_or(k))
+            .checked_mul(piece.map_or(k, |p| p.width))
             .ok_or(Error::SizeOverflow { rows, classes: k })?;
         if logits_len != expected {
             return Err(Error::LogitsLength {
