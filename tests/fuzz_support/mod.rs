@@ -143,6 +143,16 @@ fn config(
     }
 }
 
+/// The error a kernel call must return: the reference's (which ignores the backend), or else
+/// `BackendUnavailable` when this CPU lacks the forced backend.
+fn expected_error<T>(reference: &Result<T, Error>, backend: Backend) -> Option<Error> {
+    match reference {
+        Err(e) => Some(*e),
+        Ok(_) if !backend_available(backend) => Some(Error::BackendUnavailable { backend }),
+        Ok(_) => None,
+    }
+}
+
 /// Whether this CPU and target can run `backend`, read from `std`'s feature detection rather than
 /// from the crate's own `cpuid` code. AVX-512 is offered together with AVX2 and FMA.
 #[must_use]
@@ -704,13 +714,7 @@ pub fn check_differential(case: &DiffCase) {
     );
     let got = run(case, &ce, case.entry);
     check_untouched_guards(case, &got);
-    let expected_err = match want {
-        Err(e) => Some(e),
-        Ok(_) if !backend_available(case.backend) => Some(Error::BackendUnavailable {
-            backend: case.backend,
-        }),
-        Ok(_) => None,
-    };
+    let expected_err = expected_error(&want, case.backend);
     if let Some(e) = expected_err {
         check_rejected(case, &got, &e);
         return;
@@ -2498,13 +2502,7 @@ pub fn check_options(case: &OptCase) {
     }
     // `Summary::correct` depends on which extras are given: compared with this call's.
     let verdict_correct = verdict.as_ref().map_or(0, |v| v.correct);
-    let expected_err = match verdict {
-        Err(e) => Some(e),
-        Ok(_) if !backend_available(case.backend) => Some(Error::BackendUnavailable {
-            backend: case.backend,
-        }),
-        Ok(_) => None,
-    };
+    let expected_err = expected_error(&verdict, case.backend);
     if let Some(e) = expected_err {
         check_options_rejected(case, &got, &e);
         return;
