@@ -29,6 +29,7 @@
 use core::num::NonZeroUsize;
 
 use crate::exp::exp_nonpositive;
+use crate::narrow;
 use crate::shard::{Piece, RowState};
 use crate::tanh::tanh;
 use crate::targets::Targets;
@@ -56,7 +57,7 @@ const STREAM_MIN: usize = (1 << 22) + 1;
 /// Row ranges `max t - min t` above this take the careful variant (the fast variant's f32
 /// accumulators could overflow past it: at most 128 elements land in one accumulator lane per
 /// block).
-const FAST_RANGE_MAX: f32 = 1e36;
+pub(crate) const FAST_RANGE_MAX: f32 = 1e36;
 
 /// The shifted sums are accumulated times `2^-41` in the careful variant.
 const CAREFUL_SCALE: f32 = 1.0 / (1_u64 << 41) as f32;
@@ -149,7 +150,11 @@ impl Job<'_> {
     }
 
     /// Row `row`'s target, or `None` for an ignored row.
-    fn row_target<'t>(&self, targets: &Targets<'t>, row: usize) -> Option<RowTarget<'t>> {
+    pub(crate) fn row_target<'t>(
+        &self,
+        targets: &Targets<'t>,
+        row: usize,
+    ) -> Option<RowTarget<'t>> {
         if let Some(probabilities) = targets.soft_row(row, self.classes.get()) {
             return Some(RowTarget::Soft(probabilities));
         }
@@ -269,10 +274,10 @@ pub(crate) struct Totals {
 /// What one row contributes.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct RowResult {
-    loss: f64,
-    z_loss: f64,
-    lse: f64,
-    correct: bool,
+    pub loss: f64,
+    pub z_loss: f64,
+    pub lse: f64,
+    pub correct: bool,
 }
 
 impl RowResult {
@@ -311,33 +316,21 @@ pub(crate) fn run<V: RowKernels>(
         totals.correct += u64::from(r.correct);
     };
     match buffers {
-        Buffers::Forward { logits } => {
-            for (row, z) in split_rows(logits, job.classes).enumerate() {
-                let result = match job.row_target(&targets, row) {
-                    Some(target) => forward_row::<V>(job, z, target),
-                    None => RowResult::default(),
-                };
-                record(row, result);
-            }
-        }
+        Buffers::Forward { logits } => forward_batch::<V>(job, &targets, logits, &mut record),
         Buffers::Separate { logits, grad } => {
             let rows = Rows::Separate {
                 logits,
                 grad,
                 width: job.classes,
             };
-            gradient_rows::<V>(job, &targets, rows, &mut record);
+            gradient_batch::<V>(job, &targets, rows, &mut record);
         }
         Buffers::InPlace { logits } => {
-            gradient_rows::<V>(
-                job,
-                &targets,
-                Rows::InPlace {
-                    logits,
-                    width: job.classes,
-                },
-                &mut record,
-            );
+            let rows = Rows::InPlace {
+                logits,
+                width: job.classes,
+            };
+            gradient_batch::<V>(job, &targets, rows, &mut record);
         }
         Buffers::Finish { states } => {
             for (row, state) in states.iter().enumerate() {
@@ -410,6 +403,13 @@ fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buff
 pub(crate) trait RowKernels: Vector {
     /// [`stats_inline`] for this backend.
     fn stats(z: &[f32], transform: Transform, aux: Option<&[f32]>, mask: Option<&[bool]>) -> Stats;
+    /// [`narrow::narrow_group`] for this backend.
+    fn narrow_group(
+        job: &Job<'_>,
+        targets: &Targets<'_>,
+        group: &mut narrow::Group<'_>,
+        first_row: usize,
+    ) -> narrow::GroupResults;
     /// [`gradient_row`] for this backend.
     fn gradient_row(
         job: &Job<'_>,
@@ -454,6 +454,66 @@ enum Rows<'a> {
     },
 }
 
+impl<'a> Rows<'a> {
+    /// The first `count` rows (all of them if there are fewer) as one span of
+    /// `count * width` elements, and the rows after it.
+    fn split_span(self, count: usize) -> (Option<Io<'a>>, Rows<'a>) {
+        match self {
+            Rows::Separate {
+                logits,
+                grad,
+                width,
+            } => {
+                let at = count.saturating_mul(width.get()).min(logits.len());
+                match (logits.split_at_checked(at), grad.split_at_mut_checked(at)) {
+                    (Some((z, z_rest)), Some((g, g_rest))) => (
+                        Some(Io::Separate(z, g)),
+                        Rows::Separate {
+                            logits: z_rest,
+                            grad: g_rest,
+                            width,
+                        },
+                    ),
+                    _ => (
+                        None,
+                        Rows::InPlace {
+                            logits: &mut [],
+                            width,
+                        },
+                    ),
+                }
+            }
+            Rows::InPlace { logits, width } => {
+                let at = count.saturating_mul(width.get()).min(logits.len());
+                match logits.split_at_mut_checked(at) {
+                    Some((z, rest)) => (
+                        Some(Io::InPlace(z)),
+                        Rows::InPlace {
+                            logits: rest,
+                            width,
+                        },
+                    ),
+                    None => (
+                        None,
+                        Rows::InPlace {
+                            logits: &mut [],
+                            width,
+                        },
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The number of whole rows.
+    fn len_rows(&self) -> usize {
+        match self {
+            Rows::Separate { logits, width, .. } => logits.len() / width.get(),
+            Rows::InPlace { logits, width } => logits.len() / width.get(),
+        }
+    }
+}
+
 impl<'a> Iterator for Rows<'a> {
     type Item = Io<'a>;
 
@@ -489,17 +549,166 @@ fn split_rows(logits: &[f32], width: NonZeroUsize) -> impl Iterator<Item = &[f32
     })
 }
 
-/// Loss and gradient of every row.
+/// Loss and gradient of every row; the first is row `first` of the batch.
 #[inline(always)]
 fn gradient_rows<V: RowKernels>(
     job: &Job<'_>,
     targets: &Targets<'_>,
     rows: Rows<'_>,
+    first: usize,
     record: &mut impl FnMut(usize, RowResult),
 ) {
-    for (row, io) in rows.enumerate() {
+    for (row, io) in (first..).zip(rows) {
         let target = job.row_target(targets, row);
         record(row, V::gradient_row(job, io, target, row));
+    }
+}
+
+/// Loss of every row of `logits`; the first is row `first` of the batch.
+#[inline(always)]
+fn forward_rows<V: RowKernels>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    logits: &[f32],
+    first: usize,
+    record: &mut impl FnMut(usize, RowResult),
+) {
+    for (row, z) in (first..).zip(split_rows(logits, job.classes)) {
+        let result = match job.row_target(targets, row) {
+            Some(target) => forward_row::<V>(job, z, target),
+            None => RowResult::default(),
+        };
+        record(row, result);
+    }
+}
+
+/// The number of elements in a group of `V::LANES` rows, if the narrow kernel takes this batch.
+fn narrow_span<V: Vector>(job: &Job<'_>, targets: &Targets<'_>) -> Option<NonZeroUsize> {
+    if narrow::applies(job, targets) {
+        job.classes.checked_mul(NonZeroUsize::new(V::LANES)?)
+    } else {
+        None
+    }
+}
+
+/// Lane `lane`'s result in a narrow group, unless it is flagged for the row kernel.
+fn lane_result(results: &narrow::GroupResults, lane: usize) -> Option<RowResult> {
+    match (results.rows.get(lane), results.fallback.get(lane)) {
+        (Some(&result), Some(false)) => Some(result),
+        _ => None,
+    }
+}
+
+/// Loss of every row: groups of `V::LANES` rows through the narrow kernel where it applies (the
+/// last, partial group copied into a buffer padded with ignored rows); the rest, and the rows it
+/// flags, through the row kernel.
+#[inline(always)]
+fn forward_batch<V: RowKernels>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    logits: &[f32],
+    record: &mut impl FnMut(usize, RowResult),
+) {
+    let k = job.classes;
+    let Some(span) = narrow_span::<V>(job, targets) else {
+        forward_rows::<V>(job, targets, logits, 0, record);
+        return;
+    };
+    let mut pad = [0.0_f32; narrow::NARROW_MAX * narrow::MAX_LANES];
+    let mut first = 0;
+    for rows in logits.chunks(span.get()) {
+        let group = match pad.get_mut(..span.get()) {
+            Some(pad) if rows.len() < span.get() => {
+                for (p, &z) in pad.iter_mut().zip(rows) {
+                    *p = z;
+                }
+                &*pad
+            }
+            _ => rows,
+        };
+        let results = V::narrow_group(job, targets, &mut narrow::Group::Forward(group), first);
+        for (lane, z) in split_rows(rows, k).enumerate() {
+            let row = first + lane;
+            let result = match (lane_result(&results, lane), job.row_target(targets, row)) {
+                (Some(result), _) => result,
+                (None, Some(target)) => forward_row::<V>(job, z, target),
+                (None, None) => RowResult::default(),
+            };
+            record(row, result);
+        }
+        first += V::LANES;
+    }
+}
+
+/// Loss and gradient of every row, grouped as in [`forward_batch`].
+#[inline(always)]
+fn gradient_batch<V: RowKernels>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    rows: Rows<'_>,
+    record: &mut impl FnMut(usize, RowResult),
+) {
+    let Some(span) = narrow_span::<V>(job, targets) else {
+        gradient_rows::<V>(job, targets, rows, 0, record);
+        return;
+    };
+    let count = rows.len_rows();
+    let whole = count - count % V::LANES;
+    let (groups, rest) = rows.split_span(whole);
+    let mut first = 0;
+    for io in groups.into_iter().flat_map(|io| io.rows(span)) {
+        let mut group = narrow::Group::Gradient(io);
+        let results = V::narrow_group(job, targets, &mut group, first);
+        if let narrow::Group::Gradient(io) = group {
+            narrow_fallback::<V>(job, targets, io, &results, first, record);
+        }
+        first += V::LANES;
+    }
+    // The last, partial group, through a buffer padded with ignored rows.
+    let (Some(mut io), _) = rest.split_span(V::LANES) else {
+        return;
+    };
+    let len = io.src().len();
+    if len == 0 {
+        return;
+    }
+    let mut pad = [0.0_f32; narrow::NARROW_MAX * narrow::MAX_LANES];
+    let Some(pad) = pad.get_mut(..span.get()) else {
+        return;
+    };
+    for (p, &z) in pad.iter_mut().zip(io.src()) {
+        *p = z;
+    }
+    let results = V::narrow_group(
+        job,
+        targets,
+        &mut narrow::Group::Gradient(Io::InPlace(pad)),
+        first,
+    );
+    for (g, &p) in io.out().iter_mut().zip(pad.iter().take(len)) {
+        *g = p;
+    }
+    narrow_fallback::<V>(job, targets, io, &results, first, record);
+}
+
+/// Records a narrow group's results, running the row kernel on the rows it flagged (whose
+/// destination rows hold their logits).
+#[inline(always)]
+fn narrow_fallback<V: RowKernels>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    io: Io<'_>,
+    results: &narrow::GroupResults,
+    first: usize,
+    record: &mut impl FnMut(usize, RowResult),
+) {
+    for (lane, row_io) in io.rows(job.classes).enumerate() {
+        let row = first + lane;
+        let result = match lane_result(results, lane) {
+            Some(result) => result,
+            None => V::gradient_row(job, row_io, job.row_target(targets, row), row),
+        };
+        record(row, result);
     }
 }
 
@@ -653,8 +862,8 @@ pub(crate) enum Io<'r> {
     InPlace(&'r mut [f32]),
 }
 
-impl Io<'_> {
-    fn src(&self) -> &[f32] {
+impl<'a> Io<'a> {
+    pub(crate) fn src(&self) -> &[f32] {
         match self {
             Io::Separate(z, _) => z,
             Io::InPlace(z) => z,
@@ -682,11 +891,27 @@ impl Io<'_> {
     #[inline(always)]
     fn map_out<V: Vector, O: Op<V>>(&mut self, tail_fill: f32, op: &mut O) {
         // One call site: each inlined copy of a loop costs compile time.
-        let out: &mut [f32] = match self {
+        map_in_place(self.out(), tail_fill, op, false);
+    }
+
+    /// The destination.
+    pub(crate) fn out(&mut self) -> &mut [f32] {
+        match self {
             Io::Separate(_, g) => g,
             Io::InPlace(z) => z,
-        };
-        map_in_place(out, tail_fill, op, false);
+        }
+    }
+
+    /// The rows of `width` elements that this span holds.
+    fn rows(self, width: NonZeroUsize) -> Rows<'a> {
+        match self {
+            Io::Separate(logits, grad) => Rows::Separate {
+                logits,
+                grad,
+                width,
+            },
+            Io::InPlace(logits) => Rows::InPlace { logits, width },
+        }
     }
 
     fn get_out(&self, index: usize) -> Option<f32> {

@@ -57,6 +57,7 @@ mod error;
 mod exp;
 mod kernel;
 mod loss;
+mod narrow;
 pub mod reference;
 pub mod shard;
 mod tanh;

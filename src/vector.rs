@@ -74,6 +74,17 @@ pub(crate) trait Vector: Copy {
     fn keep_allowed(self, allowed: &[bool]) -> Self {
         keep_allowed_lanes(self, allowed)
     }
+    /// Lane `i` is `s[i * stride + j]` (0 past the end of `s`): column `j` of `LANES` rows of
+    /// `stride` elements.
+    #[inline(always)]
+    fn gather_column(s: &[f32], stride: usize, j: usize) -> Self {
+        gather_column_lanes(s, stride, j)
+    }
+    /// Stores lane `i` into `s[i * stride + j]` (lanes past the end of `s` are dropped).
+    #[inline(always)]
+    fn scatter_column(self, s: &mut [f32], stride: usize, j: usize) {
+        scatter_column_lanes(self, s, stride, j);
+    }
     /// The lanes as an array.
     fn to_array(self) -> Self::Array;
 
@@ -143,4 +154,28 @@ pub(crate) fn keep_allowed_lanes<V: Vector>(v: V, allowed: &[bool]) -> V {
         *lane = if ok { 1.0 } else { 0.0 };
     }
     V::load(&flags).select_eq(V::splat(0.0), V::splat(f32::NEG_INFINITY), v)
+}
+
+/// `s[i * stride + j]` for lane `i`, 0 past the end of `s`.
+#[inline(always)]
+pub(crate) fn gather_column_lanes<V: Vector>(s: &[f32], stride: usize, j: usize) -> V {
+    let mut lanes = V::splat(0.0).to_array();
+    let mut at = Some(j);
+    for lane in lanes.as_mut() {
+        *lane = at.and_then(|i| s.get(i)).copied().unwrap_or(0.0);
+        at = at.and_then(|i| i.checked_add(stride));
+    }
+    V::load(&lanes)
+}
+
+/// Stores lane `i` of `v` into `s[i * stride + j]`, dropping lanes past the end of `s`.
+#[inline(always)]
+pub(crate) fn scatter_column_lanes<V: Vector>(v: V, s: &mut [f32], stride: usize, j: usize) {
+    let mut at = Some(j);
+    for &lane in v.to_array().as_ref() {
+        if let Some(x) = at.and_then(|i| s.get_mut(i)) {
+            *x = lane;
+        }
+        at = at.and_then(|i| i.checked_add(stride));
+    }
 }

@@ -37,6 +37,10 @@ macro_rules! row_kernels {
             row_kernels!(@fn ($($features)?) stats = $crate::kernel::stats_inline::<$v>,
                 (z: &[f32], transform: $crate::kernel::Transform, aux: Option<&[f32]>,
                  mask: Option<&[bool]>) -> $crate::kernel::Stats);
+            row_kernels!(@fn ($($features)?) narrow_group = $crate::narrow::narrow_group::<$v>,
+                (job: &$crate::kernel::Job<'_>, targets: &$crate::Targets<'_>,
+                 group: &mut $crate::narrow::Group<'_>, first_row: usize)
+                -> $crate::narrow::GroupResults);
             row_kernels!(@fn ($($features)?) gradient_row = $crate::kernel::gradient_row::<$v>,
                 (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
                  target: Option<$crate::kernel::RowTarget<'_>>, row: usize)

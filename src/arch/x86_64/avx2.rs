@@ -1,11 +1,12 @@
 //! The AVX2+FMA backend: 256-bit registers, fused multiply-add.
 
 use core::arch::x86_64::{
-    __m128, __m256, _mm256_add_pd, _mm256_add_ps, _mm256_blendv_ps, _mm256_castpd256_pd128,
-    _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_ps,
-    _mm256_cmpeq_epi32, _mm256_cvtepu8_epi32, _mm256_cvtps_pd, _mm256_div_ps,
-    _mm256_extractf128_pd, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps,
-    _mm256_min_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_si256, _mm256_slli_epi32,
+    __m128, __m256, __m256i, _mm256_add_epi32, _mm256_add_pd, _mm256_add_ps, _mm256_blendv_ps,
+    _mm256_castpd256_pd128, _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_ps,
+    _mm256_cmp_ps, _mm256_cmpeq_epi32, _mm256_cvtepu8_epi32, _mm256_cvtps_pd, _mm256_div_ps,
+    _mm256_extractf128_pd, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_i32gather_ps,
+    _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_mullo_epi32,
+    _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_si256, _mm256_slli_epi32,
     _mm256_storeu_ps, _mm256_stream_ps, _mm256_sub_ps, _mm_add_pd, _mm_add_sd, _mm_cvtsd_f64,
     _mm_cvtss_f32, _mm_loadl_epi64, _mm_max_ps, _mm_min_ps, _mm_movehl_ps, _mm_prefetch,
     _mm_sfence, _mm_shuffle_ps, _mm_unpackhi_pd, _CMP_EQ_OQ, _CMP_LT_OQ, _MM_HINT_T0,
@@ -92,6 +93,15 @@ impl Vector for Avx2 {
     fn prefetch(x: &f32) {
         // SAFETY: a prefetch is a hint that never faults; `x` is a valid reference anyway.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(x).cast()) }
+    }
+    #[inline(always)]
+    fn gather_column(s: &[f32], stride: usize, j: usize) -> Self {
+        match column_offsets(s.len(), stride, j) {
+            // SAFETY: see the impl comment; every offset `i * stride + j` (i < 8) is below
+            // `s.len()` (checked by `column_offsets`), so all 8 lanes read inside `s`.
+            Some(offsets) => Avx2(unsafe { _mm256_i32gather_ps::<4>(s.as_ptr(), offsets) }),
+            None => crate::vector::gather_column_lanes(s, stride, j),
+        }
     }
     #[inline(always)]
     fn keep_allowed(self, allowed: &[bool]) -> Self {
@@ -197,6 +207,22 @@ impl Vector for Avx2 {
             _mm_cvtsd_f64(_mm_add_sd(two, _mm_unpackhi_pd(two, two)))
         }
     }
+}
+
+/// The element offsets `i * stride + j` of lanes `i = 0..8`, if all of them lie below `len` and
+/// fit in an i32.
+#[inline(always)]
+fn column_offsets(len: usize, stride: usize, j: usize) -> Option<__m256i> {
+    let span = stride.checked_mul(8)?;
+    if j >= stride || span > len || i32::try_from(span).is_err() {
+        return None;
+    }
+    // SAFETY: see the impl comment; integer arithmetic on registers only.
+    Some(unsafe {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let rows = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(stride as i32));
+        _mm256_add_epi32(rows, _mm256_set1_epi32(j as i32))
+    })
 }
 
 row_kernels!(Avx2, "avx2,fma");

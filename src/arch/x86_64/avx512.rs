@@ -1,14 +1,16 @@
 //! The AVX-512F backend: 512-bit registers, mask registers for tails and selects.
 
 use core::arch::x86_64::{
-    __m512, __mmask16, _mm256_castpd_ps, _mm512_add_pd, _mm512_add_ps, _mm512_castps512_ps256,
-    _mm512_castps_pd, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
-    _mm512_cvtepu8_epi32, _mm512_cvtps_pd, _mm512_div_ps, _mm512_extractf64x4_pd, _mm512_fmadd_ps,
+    __m512, __m512i, __mmask16, _mm256_castpd_ps, _mm512_add_epi32, _mm512_add_pd, _mm512_add_ps,
+    _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512, _mm512_castsi512_ps,
+    _mm512_cmp_ps_mask, _mm512_cvtepu8_epi32, _mm512_cvtps_pd, _mm512_div_ps,
+    _mm512_extractf64x4_pd, _mm512_fmadd_ps, _mm512_i32gather_ps, _mm512_i32scatter_ps,
     _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps,
-    _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_pd, _mm512_reduce_max_ps,
-    _mm512_reduce_min_ps, _mm512_set1_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps,
-    _mm512_sub_ps, _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _CMP_EQ_OQ,
-    _CMP_LT_OQ, _MM_HINT_T0,
+    _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_reduce_add_pd,
+    _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_set1_epi32, _mm512_set1_ps,
+    _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps, _mm512_sub_ps,
+    _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _CMP_EQ_OQ, _CMP_LT_OQ,
+    _MM_HINT_T0,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -116,6 +118,25 @@ impl Vector for Avx512 {
         }
     }
     #[inline(always)]
+    fn gather_column(s: &[f32], stride: usize, j: usize) -> Self {
+        match column_offsets(s.len(), stride, j) {
+            // SAFETY: see the impl comment; every offset `i * stride + j` (i < 16) is below
+            // `s.len()` (checked by `column_offsets`), so all 16 lanes read inside `s`.
+            Some(offsets) => Avx512(unsafe { _mm512_i32gather_ps::<4>(offsets, s.as_ptr()) }),
+            None => crate::vector::gather_column_lanes(s, stride, j),
+        }
+    }
+    #[inline(always)]
+    fn scatter_column(self, s: &mut [f32], stride: usize, j: usize) {
+        match column_offsets(s.len(), stride, j) {
+            // SAFETY: see the impl comment; every offset `i * stride + j` (i < 16) is below
+            // `s.len()` (checked by `column_offsets`), so all 16 lanes write inside `s`, and the
+            // offsets are distinct (`stride > j >= 0`).
+            Some(offsets) => unsafe { _mm512_i32scatter_ps::<4>(s.as_mut_ptr(), offsets, self.0) },
+            None => crate::vector::scatter_column_lanes(self, s, stride, j),
+        }
+    }
+    #[inline(always)]
     fn splat(x: f32) -> Self {
         // SAFETY: see the impl comment.
         Avx512(unsafe { _mm512_set1_ps(x) })
@@ -201,6 +222,22 @@ impl Vector for Avx512 {
             _mm512_reduce_add_pd(_mm512_add_pd(low, _mm512_cvtps_pd(high)))
         }
     }
+}
+
+/// The element offsets `i * stride + j` of lanes `i = 0..16`, if all of them lie below `len`
+/// and fit in an i32.
+#[inline(always)]
+fn column_offsets(len: usize, stride: usize, j: usize) -> Option<__m512i> {
+    let span = stride.checked_mul(16)?;
+    if j >= stride || span > len || i32::try_from(span).is_err() {
+        return None;
+    }
+    // SAFETY: see the impl comment; integer arithmetic on registers only.
+    Some(unsafe {
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(stride as i32));
+        _mm512_add_epi32(rows, _mm512_set1_epi32(j as i32))
+    })
 }
 
 row_kernels!(Avx512, "avx512f");
