@@ -15,6 +15,10 @@
 //!   more than 2^22 elements. Two exps per element, but the row is read from memory
 //!   twice and written once instead of read three times and written twice.
 //!
+//! * **Narrow** (rows of at most 32 classes with class targets, no class mask, no per-class
+//!   weights and no soft-cap): whole groups of `LANES` rows in [`crate::narrow`], one row per
+//!   lane; the rows it flags (non-finite values, over-wide ranges) come back here.
+//!
 //! Every loss option reduces to four per-row coefficients (see [`Coefficients`]):
 //! `loss = A ln s + B (m - t_y) - C sum v (t - m) - D sum (t - m)` and
 //! `dloss/dt_k = A' p_k - B [k = y] - C v_k - D`, with `A' = A + 2 lambda lse` for the z-loss.
@@ -409,7 +413,8 @@ pub(crate) trait RowKernels: Vector {
         targets: &Targets<'_>,
         group: &mut narrow::Group<'_>,
         first_row: usize,
-    ) -> narrow::GroupResults;
+        results: &mut narrow::GroupResults,
+    );
     /// [`gradient_row`] for this backend.
     fn gradient_row(
         job: &Job<'_>,
@@ -615,6 +620,7 @@ fn forward_batch<V: RowKernels>(
         return;
     };
     let mut pad = [0.0_f32; narrow::NARROW_MAX * narrow::MAX_LANES];
+    let mut results = narrow::GroupResults::default();
     let mut first = 0;
     for rows in logits.chunks(span.get()) {
         let group = match pad.get_mut(..span.get()) {
@@ -626,7 +632,21 @@ fn forward_batch<V: RowKernels>(
             }
             _ => rows,
         };
-        let results = V::narrow_group(job, targets, &mut narrow::Group::Forward(group), first);
+        V::narrow_group(
+            job,
+            targets,
+            &mut narrow::Group::Forward(group),
+            first,
+            &mut results,
+        );
+        if !results.any_fallback() {
+            let count = rows.len() / k.get();
+            for (row, &result) in (first..).zip(results.rows.iter().take(count)) {
+                record(row, result);
+            }
+            first += V::LANES;
+            continue;
+        }
         for (lane, z) in split_rows(rows, k).enumerate() {
             let row = first + lane;
             let result = match (lane_result(&results, lane), job.row_target(targets, row)) {
@@ -655,10 +675,11 @@ fn gradient_batch<V: RowKernels>(
     let count = rows.len_rows();
     let whole = count - count % V::LANES;
     let (groups, rest) = rows.split_span(whole);
+    let mut results = narrow::GroupResults::default();
     let mut first = 0;
     for io in groups.into_iter().flat_map(|io| io.rows(span)) {
         let mut group = narrow::Group::Gradient(io);
-        let results = V::narrow_group(job, targets, &mut group, first);
+        V::narrow_group(job, targets, &mut group, first, &mut results);
         if let narrow::Group::Gradient(io) = group {
             narrow_fallback::<V>(job, targets, io, &results, first, record);
         }
@@ -679,11 +700,12 @@ fn gradient_batch<V: RowKernels>(
     for (p, &z) in pad.iter_mut().zip(io.src()) {
         *p = z;
     }
-    let results = V::narrow_group(
+    V::narrow_group(
         job,
         targets,
         &mut narrow::Group::Gradient(Io::InPlace(pad)),
         first,
+        &mut results,
     );
     for (g, &p) in io.out().iter_mut().zip(pad.iter().take(len)) {
         *g = p;
@@ -691,8 +713,8 @@ fn gradient_batch<V: RowKernels>(
     narrow_fallback::<V>(job, targets, io, &results, first, record);
 }
 
-/// Records a narrow group's results, running the row kernel on the rows it flagged (whose
-/// destination rows hold their logits).
+/// Records a narrow group's results, running the row kernel on the rows it flagged (their
+/// logits intact: the narrow kernel wrote nothing into them).
 #[inline(always)]
 fn narrow_fallback<V: RowKernels>(
     job: &Job<'_>,
@@ -702,6 +724,13 @@ fn narrow_fallback<V: RowKernels>(
     first: usize,
     record: &mut impl FnMut(usize, RowResult),
 ) {
+    let rows = io.src().len() / job.classes.get();
+    if !results.any_fallback() {
+        for (row, &result) in (first..).zip(results.rows.iter().take(rows)) {
+            record(row, result);
+        }
+        return;
+    }
     for (lane, row_io) in io.rows(job.classes).enumerate() {
         let row = first + lane;
         let result = match lane_result(results, lane) {

@@ -18,8 +18,8 @@
 //! on its neighbours, or on whether its group is whole (the last, partial group is padded with
 //! ignored rows).
 //!
-//! Numerics, against the row kernel: the same `t - m` and the same exps, bit for bit; the sums of
-//! at most 16 terms in f32 (two accumulators); `ln s` by an f32 log of at most 1 ulp; the loss as
+//! Numerics, against the row kernel: the same `t - m` and the same exps, bit for bit; the sums in
+//! f32, in two accumulators (at most 16 additions each, as in the row kernel's lanes); `ln s` by an f32 log of at most 1 ulp; the loss as
 //! a sum of non-negative terms (`A ln s + q_y (m - t_y) - D sum_{k != y} (t_k - m)`, the target's
 //! share kept out of the shifted sum, so nothing cancels); the target's gradient by one fused
 //! multiply-add. Every result is within the crate's tolerance of the reference.
@@ -32,7 +32,7 @@ use crate::vector::Vector;
 /// Rows of at most this many classes take the narrow kernel. Measured (BENCHMARKS.md, "Narrow
 /// rows"): against the row kernel, the narrow kernel is faster for every width up to here on
 /// every backend.
-pub(crate) const NARROW_MAX: usize = 16;
+pub(crate) const NARROW_MAX: usize = 32;
 
 /// The most lanes of any backend: the size of a group's result array.
 pub(crate) const MAX_LANES: usize = 16;
@@ -64,78 +64,73 @@ impl Group<'_> {
 }
 
 /// The results of the rows of a group (lanes past `LANES` unused).
+#[derive(Clone, Copy, Default)]
 pub(crate) struct GroupResults {
     /// Each row's results, if computed here.
     pub rows: [RowResult; MAX_LANES],
     /// Rows to hand to the row kernel (a non-finite logit, or a range too wide): their results
-    /// above are meaningless and their destination rows hold their logits.
+    /// above are meaningless and their destination rows were not written.
     pub fallback: [bool; MAX_LANES],
+}
+
+impl GroupResults {
+    /// Whether any row of the group was handed back.
+    pub(crate) fn any_fallback(&self) -> bool {
+        self.fallback.iter().any(|&f| f)
+    }
 }
 
 /// Loss (and gradient) of the `V::LANES` rows of `group`, the first of which is row `first_row`
 /// of the batch (rows past the batch's end count as ignored). Each row is computed in its own
 /// lane, independently of the others: a row's results do not depend on its group. A row with a
 /// non-finite logit (or transformed logit), or with a range of transformed logits of
-/// [`FAST_RANGE_MAX`] or more, is flagged for the row kernel, and its destination row gets its
-/// own logits back (in place: left as it was).
+/// [`FAST_RANGE_MAX`] or more, is flagged for the row kernel, and its destination row is not
+/// written. The results go to `results`.
 #[inline(always)]
 pub(crate) fn narrow_group<V: Vector>(
     job: &Job<'_>,
     targets: &Targets<'_>,
     group: &mut Group<'_>,
     first_row: usize,
-) -> GroupResults {
+    results: &mut GroupResults,
+) {
+    // The columns live in an array of `N` vectors, zeroed for every group: rows of up to 16
+    // classes get one half the size.
+    if job.classes.get() <= NARROW_MAX / 2 {
+        group_with::<V, { NARROW_MAX / 2 }>(job, targets, group, first_row, results);
+    } else {
+        group_with::<V, NARROW_MAX>(job, targets, group, first_row, results);
+    }
+}
+
+/// [`narrow_group`] with room for `N >= K` columns.
+#[inline(always)]
+fn group_with<V: Vector, const N: usize>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    group: &mut Group<'_>,
+    first_row: usize,
+    results: &mut GroupResults,
+) {
     let k = job.classes.get();
     let (zero, one) = (V::splat(0.0), V::splat(1.0));
 
-    // Per lane: the target class (-1 for an ignored row), the gradient's factor (0 for an
-    // ignored row) and the row weight.
-    let mut target = zero.to_array();
-    let mut factor = zero.to_array();
-    let mut weight = zero.to_array();
-    let mut live = [false; MAX_LANES];
-    let lanes = target
-        .as_mut()
-        .iter_mut()
-        .zip(factor.as_mut())
-        .zip(weight.as_mut())
-        .zip(live.iter_mut());
-    let call_factor = job.grad_scale * f64::from(job.transform.scale);
-    for (row, (((t, f), w), l)) in (first_row..).zip(lanes) {
-        let Some(RowTarget::Class(y)) = job.row_target(targets, row) else {
-            *t = -1.0;
-            continue;
-        };
-        let row_weight = match job.weights {
-            Weights::PerTarget(w) => w.get(y).map_or(f64::NAN, |&v| f64::from(v)),
-            _ => 1.0,
-        };
-        let row_scale = job
-            .row_scales
-            .and_then(|r| r.get(row))
-            .map_or(1.0, |&r| f64::from(r));
-        *t = y as f32;
-        *w = row_weight as f32;
-        *f = (call_factor * row_scale * row_weight) as f32;
-        *l = true;
-    }
-    let target = V::load(&target);
+    let (target, factor, weight, live) = row_lanes::<V>(job, targets, first_row);
 
-    // The raw logits, column by column, and the max and min of the transformed ones; `bad` turns
-    // NaN in a lane with a NaN or infinite transformed logit.
+    // The transformed logits, column by column, with their max and min; `bad` turns NaN in a
+    // lane with a NaN or infinite transformed logit.
     let scale = V::splat(job.transform.scale);
-    let mut raw = [zero; NARROW_MAX];
+    let mut cols = [zero; N];
     let mut max = V::splat(f32::NEG_INFINITY);
     let mut min = V::splat(f32::INFINITY);
     let mut bad = zero;
     let src = group.src();
-    for (j, col) in raw.iter_mut().take(k).enumerate() {
-        let z = V::gather_column(src, k, j);
-        let t = z.mul(scale);
+    for (j, col) in cols.iter_mut().take(k).enumerate() {
+        let t = V::gather_column(src, k, j).mul(scale);
         bad = bad.add(t.sub(t));
         max = max.max(t);
         min = min.min(t);
-        *col = z;
+        *col = t;
     }
     // 1 in the lanes computed here (false for NaN).
     let ok = max
@@ -143,26 +138,28 @@ pub(crate) fn narrow_group<V: Vector>(
         .add(bad)
         .select_lt(V::splat(FAST_RANGE_MAX), one, zero);
 
-    // Exps, their sum, the target's transformed logit and the shifted sum of the other classes.
-    let mut exps = [zero; NARROW_MAX];
-    let (mut s0, mut s1) = (zero, zero);
+    // Exps (kept in `cols`), their sum, the target's transformed logit and the shifted sum of the
+    // other classes, each in two accumulators (at most 16 additions per lane, as in the row
+    // kernel's f32 accumulators).
+    let (mut s0, mut s1, mut r0, mut r1) = (zero, zero, zero, zero);
     let mut t_y = zero;
-    let mut rest = zero;
-    for (j, (z, e_out)) in raw.iter().zip(exps.iter_mut()).take(k).enumerate() {
+    for (j, col) in cols.iter_mut().take(k).enumerate() {
         let class = V::splat(j as f32);
-        let t = z.mul(scale);
-        let r = t.sub(max);
-        t_y = target.select_eq(class, t, t_y);
-        rest = target.select_eq(class, zero, r).add(rest);
+        let r = col.sub(max);
+        t_y = target.select_eq(class, *col, t_y);
+        let rest = target.select_eq(class, zero, r);
         let e = exp_nonpositive(r);
         if j % 2 == 0 {
             s0 = s0.add(e);
+            r0 = r0.add(rest);
         } else {
             s1 = s1.add(e);
+            r1 = r1.add(rest);
         }
-        *e_out = e;
+        *col = e;
     }
     let sum = s0.add(s1);
+    let rest = r0.add(r1);
     let ln_sum = log_small(sum);
 
     // The coefficients of `loss = A ln s + B (m - t_y) - D sum (t - m)`, the same for every row:
@@ -182,27 +179,82 @@ pub(crate) fn narrow_group<V: Vector>(
     let base = ln_sum.mul(V::splat(a as f32));
     let base = max.sub(t_y).mul_add(V::splat(q_y as f32), base);
     let base = rest.mul_add(V::splat(-per as f32), base);
-    let loss = base.mul_add(V::load(&weight), z_loss);
+    let loss = base.mul_add(weight, z_loss);
 
     if let Group::Gradient(io) = group {
-        // g_k = f (A' p_k - D) off the target, f (A' p_y - q_y) on it; a fallback row's own
-        // logits elsewhere.
-        let factor = V::load(&factor);
+        // g_k = f (A' p_k - D) off the target, f (A' p_y - q_y) on it; nothing for a row handed
+        // back.
         let scaled = factor.mul(a_grad).div(sum);
         let off = factor.mul(V::splat(-per as f32));
         let on_target = factor.mul(V::splat(-q_y as f32));
         let out = io.out();
-        for (j, (e, z)) in exps.iter().zip(&raw).take(k).enumerate() {
+        for (j, e) in cols.iter().take(k).enumerate() {
             let add = target.select_eq(V::splat(j as f32), on_target, off);
-            let g = e.mul_add(scaled, add);
-            ok.select_eq(one, g, *z).scatter_column(out, k, j);
+            e.mul_add(scaled, add).scatter_column_where(ok, out, k, j);
         }
     }
 
-    let mut results = GroupResults {
-        rows: [RowResult::default(); MAX_LANES],
-        fallback: [false; MAX_LANES],
+    write_results(results, &live, [loss, z_loss, lse, t_y, max, ok]);
+}
+
+/// The per-lane row inputs of a group: the target class (-1 for an ignored row), the gradient's
+/// factor (0 for an ignored row), the row weight, and which rows are live (not ignored).
+#[inline(always)]
+fn row_lanes<V: Vector>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    first_row: usize,
+) -> (V, V, V, [bool; MAX_LANES]) {
+    let zero = V::splat(0.0);
+    // Per-row factors and weights only when set.
+    let mut target = zero.to_array();
+    let mut factor = zero.to_array();
+    let mut weight = zero.to_array();
+    let mut live = [false; MAX_LANES];
+    let per_row = job.row_scales.is_some() || matches!(job.weights, Weights::PerTarget(_));
+    let call_factor = job.grad_scale * f64::from(job.transform.scale);
+    let lanes = target
+        .as_mut()
+        .iter_mut()
+        .zip(factor.as_mut())
+        .zip(weight.as_mut())
+        .zip(live.iter_mut());
+    for (row, (((t, f), w), l)) in (first_row..).zip(lanes) {
+        let Some(RowTarget::Class(y)) = job.row_target(targets, row) else {
+            *t = -1.0;
+            continue;
+        };
+        *t = y as f32;
+        *l = true;
+        if per_row {
+            let row_weight = match job.weights {
+                Weights::PerTarget(w) => w.get(y).map_or(f64::NAN, |&v| f64::from(v)),
+                _ => 1.0,
+            };
+            let row_scale = job
+                .row_scales
+                .and_then(|r| r.get(row))
+                .map_or(1.0, |&r| f64::from(r));
+            *w = row_weight as f32;
+            *f = (call_factor * row_scale * row_weight) as f32;
+        }
+    }
+    let target = V::load(&target);
+    let (factor, weight) = if per_row {
+        (V::load(&factor), V::load(&weight))
+    } else {
+        // The same bits as above with a row scale and weight of 1.
+        let live_factor = V::splat(call_factor as f32);
+        (target.select_lt(zero, zero, live_factor), V::splat(1.0))
     };
+    (target, factor, weight, live)
+}
+
+/// Each live row's results from its lane of `loss, z_loss, lse, t_y, max, ok`; `ok` not 1 flags
+/// the row for the row kernel.
+#[inline(always)]
+fn write_results<V: Vector>(results: &mut GroupResults, live: &[bool; MAX_LANES], lanes: [V; 6]) {
+    let [loss, z_loss, lse, t_y, max, ok] = lanes;
     let (loss, z_loss, lse, t_y, max, ok) = (
         loss.to_array(),
         z_loss.to_array(),
@@ -214,26 +266,22 @@ pub(crate) fn narrow_group<V: Vector>(
     let values = (loss.as_ref().iter().zip(z_loss.as_ref()))
         .zip(lse.as_ref().iter().zip(ok.as_ref()))
         .zip(t_y.as_ref().iter().zip(max.as_ref()));
-    let slots = results
-        .rows
-        .iter_mut()
-        .zip(&mut results.fallback)
-        .zip(&live);
+    let slots = results.rows.iter_mut().zip(&mut results.fallback).zip(live);
     for (((result, fallback), &live), (((&loss, &z_loss), (&lse, &ok)), (&t_y, &max))) in
         slots.zip(values)
     {
-        if ok != 1.0 {
-            *fallback = true;
-        } else if live {
-            *result = RowResult {
+        *fallback = ok != 1.0;
+        *result = if live {
+            RowResult {
                 loss: f64::from(loss),
                 z_loss: f64::from(z_loss),
                 lse: f64::from(lse),
                 correct: t_y == max,
-            };
-        }
+            }
+        } else {
+            RowResult::default()
+        };
     }
-    results
 }
 
 /// `ln 2`, high part (`0x1.62E300p-1`, exact times a small integer).
@@ -247,7 +295,7 @@ const LG2: f32 = f32::from_bits(0x3ecc_ce13);
 const LG3: f32 = f32::from_bits(0x3e91_e9ee);
 const LG4: f32 = f32::from_bits(0x3e78_9e26);
 
-/// `ln x` lane-wise for `1 <= x < 32` (the sum of at most [`NARROW_MAX`] exps, the largest of
+/// `ln x` lane-wise for `1 <= x <= 64` (the sum of at most [`NARROW_MAX`] exps, the largest of
 /// which is 1), within 1 ulp: `x = 2^n f` with `f` in `[sqrt(2)/2, sqrt(2))` by halvings (exact),
 /// then `ln f = 2 atanh(s)`, `s = (f - 1) / (f + 1)`, as FreeBSD's `logf` computes it.
 #[inline(always)]
@@ -285,7 +333,7 @@ mod tests {
     fn log_within_one_ulp_on_its_range() {
         let mut worst = 0;
         let mut bits = 1.0_f32.to_bits();
-        while f32::from_bits(bits) < 32.0 {
+        while f32::from_bits(bits) <= 64.0 {
             let x = f32::from_bits(bits);
             let got = log_small(Portable::splat(x)).to_array()[0];
             let want = libm::log(f64::from(x)) as f32;

@@ -66,6 +66,7 @@ impl<'t> Targets<'t> {
 
     /// The class of row `row` as i64 (`usize` values beyond `i64::MAX` saturate); `None` for soft
     /// targets or a row out of range.
+    #[inline]
     pub(crate) fn class(&self, row: usize) -> Option<i64> {
         match self {
             Targets::U8(t) => t.get(row).map(|&v| i64::from(v)),

@@ -80,10 +80,11 @@ pub(crate) trait Vector: Copy {
     fn gather_column(s: &[f32], stride: usize, j: usize) -> Self {
         gather_column_lanes(s, stride, j)
     }
-    /// Stores lane `i` into `s[i * stride + j]` (lanes past the end of `s` are dropped).
+    /// Stores lane `i` into `s[i * stride + j]` where lane `i` of `keep` is 1 (other lanes, and
+    /// lanes past the end of `s`, are dropped).
     #[inline(always)]
-    fn scatter_column(self, s: &mut [f32], stride: usize, j: usize) {
-        scatter_column_lanes(self, s, stride, j);
+    fn scatter_column_where(self, keep: Self, s: &mut [f32], stride: usize, j: usize) {
+        scatter_column_lanes(self, keep, s, stride, j);
     }
     /// The lanes as an array.
     fn to_array(self) -> Self::Array;
@@ -168,12 +169,19 @@ pub(crate) fn gather_column_lanes<V: Vector>(s: &[f32], stride: usize, j: usize)
     V::load(&lanes)
 }
 
-/// Stores lane `i` of `v` into `s[i * stride + j]`, dropping lanes past the end of `s`.
+/// Stores lane `i` of `v` into `s[i * stride + j]` where lane `i` of `keep` is 1, dropping lanes
+/// past the end of `s`.
 #[inline(always)]
-pub(crate) fn scatter_column_lanes<V: Vector>(v: V, s: &mut [f32], stride: usize, j: usize) {
+pub(crate) fn scatter_column_lanes<V: Vector>(
+    v: V,
+    keep: V,
+    s: &mut [f32],
+    stride: usize,
+    j: usize,
+) {
     let mut at = Some(j);
-    for &lane in v.to_array().as_ref() {
-        if let Some(x) = at.and_then(|i| s.get_mut(i)) {
+    for (&lane, &keep) in v.to_array().as_ref().iter().zip(keep.to_array().as_ref()) {
+        if let Some(x) = at.and_then(|i| s.get_mut(i)).filter(|_| keep == 1.0) {
             *x = lane;
         }
         at = at.and_then(|i| i.checked_add(stride));

@@ -1,11 +1,11 @@
-//! The narrow-row kernel (rows of at most 16 classes, one row per SIMD lane): whole groups,
+//! The narrow-row kernel (rows of at most 32 classes, one row per SIMD lane): whole groups,
 //! partial groups, rows it hands back to the row kernel (non-finite values, ranges too wide for
 //! its f32 sums) in the middle of a group, and the options it computes itself, on every backend.
 
 mod common;
 
 use common::{backends, check_all, Rng};
-use smoothce::{reference, CrossEntropy, Extras, Reduction, Targets};
+use smoothce::{reference, CrossEntropy, Extras, Reduction, Smoothing, Targets};
 
 /// Values that send a row back to the row kernel, or that it must survive.
 const SPECIAL: [f32; 7] = [
@@ -18,12 +18,12 @@ const SPECIAL: [f32; 7] = [
     -3e38,
 ];
 
-/// Batches of 1 to 50 rows of 1 to 17 classes, with special values in some rows, against the
+/// Batches of 1 to 50 rows of 1 to 33 classes (33: the row kernel), with special values in some rows, against the
 /// reference on every backend and entry point (in place bit-identical to out of place).
 #[test]
 fn batches_with_special_rows_match_the_reference() {
     let mut rng = Rng::new(0x4a77_0001);
-    for k in 1..=17 {
+    for k in (1..=18).chain([24, 31, 32, 33]) {
         for &n in &[1_usize, 3, 8, 15, 16, 17, 33, 50] {
             let offset = 50.0 * rng.symmetric();
             let mut logits = common::random_batch(&mut rng, n, k, offset, 30.0);
@@ -92,7 +92,7 @@ fn run_with(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[i64], rows: &[f32]
 #[test]
 fn options_match_the_reference_and_rows_are_independent() {
     let mut rng = Rng::new(0x4a77_0002);
-    for k in [1_usize, 2, 5, 10, 16] {
+    for k in [1_usize, 2, 5, 10, 16, 17, 32] {
         let n = 37;
         let offset = 10.0 * rng.symmetric();
         let mut logits = common::random_batch(&mut rng, n, k, offset, 20.0);
@@ -129,99 +129,103 @@ fn options_match_the_reference_and_rows_are_independent() {
         ];
         for opt in &options {
             for smoothing in common::smoothings(0.3, k) {
-                let reduction = if opt.row_scales.is_some() {
-                    Reduction::None
-                } else {
-                    Reduction::Sum
-                };
-                let mut base = CrossEntropy::new(k)
-                    .smoothing(smoothing)
-                    .ignore_index_signed(-100)
-                    .reduction(reduction)
-                    .z_loss(opt.z_loss)
-                    .logit_scale(opt.scale);
-                if let Some(w) = &opt.target_weights {
-                    base = base.target_weights(w);
-                }
-                let rows = opt.row_scales.as_deref().unwrap_or(&[]);
-                let mut want = (vec![0.0; n], vec![0.0; n * k], vec![0.0; n], vec![0.0; n]);
-                let mut want_correct = vec![false; n];
-                let want_total = reference::forward_backward_with(
-                    &base,
-                    &logits,
-                    Targets::from(&targets[..]),
-                    &mut want.0,
-                    &mut want.1,
-                    Extras {
-                        lse: Some(&mut want.2),
-                        z_loss: Some(&mut want.3),
-                        correct: Some(&mut want_correct),
-                        row_scales: (!rows.is_empty()).then_some(rows),
-                    },
-                )
-                .expect("reference");
-                for backend in backends() {
-                    let ce = base.backend(backend);
-                    let ctx = format!("K = {k} {ce:?}");
-                    let got = run_with(&ce, &logits, &targets, rows);
-                    let tol = reference::LOSS_TOLERANCE * 4.0;
-                    assert!(
-                        reference::agrees(got.0, f64::from(want_total.loss), tol)
-                            || (got.0.is_nan() && want_total.loss.is_nan()),
-                        "{ctx}: total {} want {}",
-                        got.0,
-                        want_total.loss
-                    );
-                    assert_eq!(got.5, want_correct, "{ctx}: correct");
-                    for row in 0..n {
-                        for (what, g, w) in [
-                            ("loss", got.1[row], want.0[row]),
-                            ("lse", got.3[row], want.2[row]),
-                            ("z", got.4[row], want.3[row]),
-                        ] {
-                            assert!(
-                                reference::agrees(g, f64::from(w), tol)
-                                    || (g.is_nan() && w.is_nan()),
-                                "{ctx}: row {row} {what} {g} want {w}"
-                            );
-                        }
-                        let factor = rows.get(row).map_or(1.0, |r| f64::from(r.abs()).max(1.0))
-                            * f64::from(opt.scale)
-                            * opt
-                                .target_weights
-                                .as_ref()
-                                .map_or(1.0, |w| w.iter().fold(1.0_f64, |m, &v| m.max(v.into())));
-                        for j in row * k..(row + 1) * k {
-                            let (g, w) = (got.2[j], want.1[j]);
-                            assert!(
-                                (g.is_nan() && w.is_nan())
-                                    || f64::from(g - w).abs()
-                                        <= 2.0 * reference::GRAD_TOLERANCE * factor,
-                                "{ctx}: row {row} grad[{}] {g} want {w}",
-                                j - row * k
-                            );
-                        }
-                        // The same row alone (its own upstream scale) gives the same bits.
-                        let alone_scales: Vec<f32> = rows.get(row).copied().into_iter().collect();
-                        let alone = run_with(
-                            &ce,
-                            &logits[row * k..(row + 1) * k],
-                            &targets[row..=row],
-                            &alone_scales,
-                        );
-                        assert_eq!(
-                            alone.1[0].to_bits(),
-                            got.1[row].to_bits(),
-                            "{ctx}: row {row}"
-                        );
-                        assert_eq!(
-                            common::bits(&alone.2),
-                            common::bits(&got.2[row * k..(row + 1) * k]),
-                            "{ctx}: row {row} gradient"
-                        );
-                    }
-                }
+                check_options(k, smoothing, opt, &logits, &targets);
             }
+        }
+    }
+}
+
+/// One configuration of [`options_match_the_reference_and_rows_are_independent`].
+fn check_options(k: usize, smoothing: Smoothing, opt: &Options, logits: &[f32], targets: &[i64]) {
+    let n = targets.len();
+    let reduction = if opt.row_scales.is_some() {
+        Reduction::None
+    } else {
+        Reduction::Sum
+    };
+    let mut base = CrossEntropy::new(k)
+        .smoothing(smoothing)
+        .ignore_index_signed(-100)
+        .reduction(reduction)
+        .z_loss(opt.z_loss)
+        .logit_scale(opt.scale);
+    if let Some(w) = &opt.target_weights {
+        base = base.target_weights(w);
+    }
+    let rows = opt.row_scales.as_deref().unwrap_or(&[]);
+    let mut want = (vec![0.0; n], vec![0.0; n * k], vec![0.0; n], vec![0.0; n]);
+    let mut want_correct = vec![false; n];
+    let want_total = reference::forward_backward_with(
+        &base,
+        logits,
+        Targets::from(targets),
+        &mut want.0,
+        &mut want.1,
+        Extras {
+            lse: Some(&mut want.2),
+            z_loss: Some(&mut want.3),
+            correct: Some(&mut want_correct),
+            row_scales: (!rows.is_empty()).then_some(rows),
+        },
+    )
+    .expect("reference");
+    for backend in backends() {
+        let ce = base.backend(backend);
+        let ctx = format!("K = {k} {ce:?}");
+        let got = run_with(&ce, logits, targets, rows);
+        let tol = reference::LOSS_TOLERANCE * 4.0;
+        assert!(
+            reference::agrees(got.0, f64::from(want_total.loss), tol)
+                || (got.0.is_nan() && want_total.loss.is_nan()),
+            "{ctx}: total {} want {}",
+            got.0,
+            want_total.loss
+        );
+        assert_eq!(got.5, want_correct, "{ctx}: correct");
+        for row in 0..n {
+            for (what, g, w) in [
+                ("loss", got.1[row], want.0[row]),
+                ("lse", got.3[row], want.2[row]),
+                ("z", got.4[row], want.3[row]),
+            ] {
+                assert!(
+                    reference::agrees(g, f64::from(w), tol) || (g.is_nan() && w.is_nan()),
+                    "{ctx}: row {row} {what} {g} want {w}"
+                );
+            }
+            let factor = rows.get(row).map_or(1.0, |r| f64::from(r.abs()).max(1.0))
+                * f64::from(opt.scale)
+                * opt
+                    .target_weights
+                    .as_ref()
+                    .map_or(1.0, |w| w.iter().fold(1.0_f64, |m, &v| m.max(v.into())));
+            for j in row * k..(row + 1) * k {
+                let (g, w) = (got.2[j], want.1[j]);
+                assert!(
+                    (g.is_nan() && w.is_nan())
+                        || f64::from(g - w).abs() <= 2.0 * reference::GRAD_TOLERANCE * factor,
+                    "{ctx}: row {row} grad[{}] {g} want {w}",
+                    j - row * k
+                );
+            }
+            // The same row alone (its own upstream scale) gives the same bits.
+            let alone_scales: Vec<f32> = rows.get(row).copied().into_iter().collect();
+            let alone = run_with(
+                &ce,
+                &logits[row * k..(row + 1) * k],
+                &targets[row..=row],
+                &alone_scales,
+            );
+            assert_eq!(
+                alone.1[0].to_bits(),
+                got.1[row].to_bits(),
+                "{ctx}: row {row}"
+            );
+            assert_eq!(
+                common::bits(&alone.2),
+                common::bits(&got.2[row * k..(row + 1) * k]),
+                "{ctx}: row {row} gradient"
+            );
         }
     }
 }

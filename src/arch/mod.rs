@@ -39,8 +39,8 @@ macro_rules! row_kernels {
                  mask: Option<&[bool]>) -> $crate::kernel::Stats);
             row_kernels!(@fn ($($features)?) narrow_group = $crate::narrow::narrow_group::<$v>,
                 (job: &$crate::kernel::Job<'_>, targets: &$crate::Targets<'_>,
-                 group: &mut $crate::narrow::Group<'_>, first_row: usize)
-                -> $crate::narrow::GroupResults);
+                 group: &mut $crate::narrow::Group<'_>, first_row: usize,
+                 results: &mut $crate::narrow::GroupResults) -> ());
             row_kernels!(@fn ($($features)?) gradient_row = $crate::kernel::gradient_row::<$v>,
                 (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
                  target: Option<$crate::kernel::RowTarget<'_>>, row: usize)

@@ -4,8 +4,8 @@ use core::arch::x86_64::{
     __m512, __m512i, __mmask16, _mm256_castpd_ps, _mm512_add_epi32, _mm512_add_pd, _mm512_add_ps,
     _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512, _mm512_castsi512_ps,
     _mm512_cmp_ps_mask, _mm512_cvtepu8_epi32, _mm512_cvtps_pd, _mm512_div_ps,
-    _mm512_extractf64x4_pd, _mm512_fmadd_ps, _mm512_i32gather_ps, _mm512_i32scatter_ps,
-    _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps,
+    _mm512_extractf64x4_pd, _mm512_fmadd_ps, _mm512_i32gather_ps, _mm512_loadu_ps,
+    _mm512_mask_blend_ps, _mm512_mask_i32scatter_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps,
     _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_reduce_add_pd,
     _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_set1_epi32, _mm512_set1_ps,
     _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps, _mm512_sub_ps,
@@ -127,13 +127,16 @@ impl Vector for Avx512 {
         }
     }
     #[inline(always)]
-    fn scatter_column(self, s: &mut [f32], stride: usize, j: usize) {
+    fn scatter_column_where(self, keep: Self, s: &mut [f32], stride: usize, j: usize) {
         match column_offsets(s.len(), stride, j) {
             // SAFETY: see the impl comment; every offset `i * stride + j` (i < 16) is below
-            // `s.len()` (checked by `column_offsets`), so all 16 lanes write inside `s`, and the
-            // offsets are distinct (`stride > j >= 0`).
-            Some(offsets) => unsafe { _mm512_i32scatter_ps::<4>(s.as_mut_ptr(), offsets, self.0) },
-            None => crate::vector::scatter_column_lanes(self, s, stride, j),
+            // `s.len()` (checked by `column_offsets`), so every lane the mask keeps writes inside
+            // `s`, and the offsets are distinct (`stride > j >= 0`).
+            Some(offsets) => unsafe {
+                let mask = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(keep.0, _mm512_set1_ps(1.0));
+                _mm512_mask_i32scatter_ps::<4>(s.as_mut_ptr(), mask, offsets, self.0);
+            },
+            None => crate::vector::scatter_column_lanes(self, keep, s, stride, j),
         }
     }
     #[inline(always)]
