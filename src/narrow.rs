@@ -19,8 +19,8 @@
 //! ignored rows).
 //!
 //! Numerics, against the row kernel: the same `t - m` and the same exps, bit for bit; the sums in
-//! f32, in two accumulators (at most 16 additions each, as in the row kernel's lanes); `ln s` by an f32 log of at most 1 ulp; the loss as
-//! a sum of non-negative terms (`A ln s + q_y (m - t_y) - D sum_{k != y} (t_k - m)`, the target's
+//! f32, in two accumulators (at most 16 additions each, as in the row kernel's lanes); `ln s` by
+//! an f32 log of at most 1 ulp; the loss as a sum of non-negative terms (`A ln s + q_y (m - t_y) - D sum_{k != y} (t_k - m)`, the target's
 //! share kept out of the shifted sum, so nothing cancels); the target's gradient by one fused
 //! multiply-add. Every result is within the crate's tolerance of the reference.
 
