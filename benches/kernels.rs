@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the fused label-smoothed cross-entropy kernels.
 //!
 //! One group per shape `[N×K]` (named `256x10`, `128x1000`, `16x32000`, `4x128256`,
-//! `1x16777216`), every function with `Throughput::Elements(N * K)`:
+//! `1x16777216`), every function with `Throughput::Elements(N * K)`, and two narrow groups
+//! (`256x32`, the widest rows the narrow kernel takes, and `256x33`, the row kernel) with
+//! `memcpy`, `forward_backward` and the reference only:
 //!
 //! - `memcpy`: `copy_from_slice` of the `N * K` f32, the bytes a fused forward + backward moves
 //!   (read the logits, write the gradient): the yardstick every kernel is read against.
@@ -42,6 +44,10 @@ const SHAPES: [(usize, usize); 5] = [
     (4, 128_256),
     (1, 16_777_216),
 ];
+
+/// Narrow rows on either side of the narrow kernel's limit (32 classes: one row per SIMD lane;
+/// 33: the row kernel), `forward_backward` only, to show where the narrow kernel stops paying.
+const NARROW_SHAPES: [(usize, usize); 2] = [(256, 32), (256, 33)];
 
 /// The scalar reference runs by default only on shapes of at most this many elements.
 const REFERENCE_LIMIT: usize = 16 * 32_000;
@@ -157,6 +163,28 @@ fn kernels(c: &mut Criterion) {
             }
             reference_benches(&mut group, &mut data, &ce);
         }
+        group.finish();
+    }
+}
+
+/// The groups of [`NARROW_SHAPES`]: memcpy, `forward_backward` on every backend, the reference.
+fn narrow(c: &mut Criterion) {
+    let smoothing = Smoothing::Uniform(0.1);
+    for (rows, classes) in NARROW_SHAPES {
+        let mut group = c.benchmark_group(format!("{rows}x{classes}"));
+        group
+            .throughput(Throughput::Elements((rows * classes) as u64))
+            .sample_size(50);
+        let mut data = Data::new(rows, classes);
+        memcpy(&mut group, &mut data);
+        for backend in Backend::ALL.into_iter().filter(|b| b.is_available()) {
+            let ce = CrossEntropy::new(classes)
+                .smoothing(smoothing)
+                .backend(backend);
+            forward_backward(&mut group, &mut data, &ce, &backend_name(backend));
+        }
+        let ce = CrossEntropy::new(classes).smoothing(smoothing);
+        reference_benches(&mut group, &mut data, &ce);
         group.finish();
     }
 }
@@ -300,6 +328,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = kernels
+    targets = kernels, narrow
 }
 criterion_main!(benches);
