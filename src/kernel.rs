@@ -25,10 +25,12 @@
 //! Sums run in four independent vector accumulators and are flushed to f64 every [`BLOCK`]
 //! elements. The target's gradient is formed in f64 from `z_y`, never by cancellation.
 //!
-//! Rows with a masked class (a `-inf` logit, or a class the class mask disallows) or a range so
-//! wide that `t - m` could overflow take the *careful* variant: masked lanes are excluded by
-//! selects, the shifted sums are accumulated pre-scaled by `2^-41` so they cannot overflow, and
-//! pass 2 stores `-1` (impossible for an exp) for masked lanes so pass 3 can zero them.
+//! Rows with a `-inf` logit or a range so wide that `t - m` could overflow take the *careful*
+//! variant: masked lanes are excluded by selects, the shifted sums are accumulated pre-scaled by
+//! `2^-41` so they cannot overflow, and pass 2 stores `-1` (impossible for an exp) for masked
+//! lanes so pass 3 can zero them. Rows with a class mask and neither take the *masked* variant:
+//! the fast one, with the disallowed lanes left out of each sum by a select on the mask (an
+//! opmask on AVX-512) and stored as `-1` too.
 
 use core::num::NonZeroUsize;
 
@@ -62,6 +64,26 @@ const STREAM_MIN: usize = (1 << 22) + 1;
 /// accumulators could overflow past it: at most 128 elements land in one accumulator lane per
 /// block).
 pub(crate) const FAST_RANGE_MAX: f32 = 1e36;
+
+/// [`SumExp`] variants. `FAST`: every lane allowed, the range within [`FAST_RANGE_MAX`].
+const FAST: u8 = 0;
+/// A class mask, the range of the whole row (disallowed lanes included) within
+/// [`FAST_RANGE_MAX`] and no `-inf`: disallowed lanes are left out by selects on the mask.
+const MASKED: u8 = 1;
+/// Anything else (`-inf` logits, wide ranges): pre-scaled sums, every masked lane selected away.
+const CAREFUL: u8 = 2;
+
+/// The [`SumExp`] variant for a row (or block) with this transformed max and min (over all its
+/// lanes, allowed or not).
+fn sums_mode(max: f32, min: f32, mask: Option<&[bool]>) -> u8 {
+    if needs_care(max, min) {
+        CAREFUL
+    } else if mask.is_some() {
+        MASKED
+    } else {
+        FAST
+    }
+}
 
 /// The shifted sums are accumulated times `2^-41` in the careful variant.
 const CAREFUL_SCALE: f32 = 1.0 / (1_u64 << 41) as f32;
@@ -825,10 +847,10 @@ pub(crate) fn piece_exps<V: RowKernels>(
         stats
     } else {
         let lanes = Lanes::new(m, transform, aux, mask);
-        if needs_care(m, tmin) || mask.is_some() {
-            sums_map::<V, true>(&mut io, m, lanes)
-        } else {
-            sums_map::<V, false>(&mut io, m, lanes)
+        match sums_mode(m, tmin, mask) {
+            CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes),
+            MASKED => sums_map::<V, MASKED>(&mut io, m, lanes),
+            _ => sums_map::<V, FAST>(&mut io, m, lanes),
         }
     };
     RowState {
@@ -1164,7 +1186,7 @@ fn apply_mask<V: Vector>(mask: &[bool], offset: usize, z: V) -> V {
     z.keep_allowed(mask.get(offset..).unwrap_or(&[]))
 }
 
-/// Max and min of a row of raw logits (masked lanes excluded from the max).
+/// Max and min of a row of raw logits (masked lanes excluded from the max, not from the min).
 struct MaxMin<'m, V> {
     max: [V; 4],
     min: [V; 4],
@@ -1197,11 +1219,16 @@ impl<V: Vector> Op<V> for MaxMin<'_, V> {
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
-        let z = match self.mask {
-            Some(mask) => apply_mask(mask, offset, z),
-            None => z,
+        let max = self.max[slot].max(z);
+        self.max[slot] = match self.mask {
+            Some(mask) => V::select_where(
+                V::allowed(mask.get(offset..).unwrap_or(&[])),
+                max,
+                self.max[slot],
+            ),
+            None => max,
         };
-        self.max[slot] = self.max[slot].max(z);
+        // Over every lane, allowed or not: the masked variant relies on the whole range.
         self.min[slot] = self.min[slot].min(z);
         z
     }
@@ -1381,7 +1408,7 @@ impl<'a, V: Vector> Lanes<'a, V> {
 
 /// Pass 2: `e = exp(t - m)`, summed with `t - m` (and the auxiliary sums); returns `e` (or `-1`
 /// for masked lanes in the careful variant). Flushes into f64 at every block end.
-struct SumExp<'a, V: Vector, const CAREFUL: bool> {
+struct SumExp<'a, V: Vector, const MODE: u8> {
     lanes: Lanes<'a, V>,
     sum: [V; 4],
     shifted: [V; 4],
@@ -1402,7 +1429,7 @@ struct SumExp<'a, V: Vector, const CAREFUL: bool> {
     ahead: &'a [f32],
 }
 
-impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
+impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
     #[inline(always)]
     fn new(max: f32, lanes: Lanes<'a, V>) -> Self {
         let zero = V::splat(0.0);
@@ -1448,6 +1475,29 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
         z.select_eq(ninf, V::splat(-1.0), e)
     }
 
+    /// The masked lane update: the fast one, with the lanes the class mask disallows selected
+    /// away (their `t - m` may be anything, even NaN: it is never summed) and stored as `-1`.
+    #[inline(always)]
+    fn masked(&mut self, slot: usize, offset: usize, z: V) -> V {
+        let slot = slot & 3;
+        let zero = V::splat(0.0);
+        let mask = self.lanes.mask.and_then(|m| m.get(offset..)).unwrap_or(&[]);
+        let ok = V::allowed(mask);
+        let t = self.lanes.shifted(z);
+        let e = exp_nonpositive(t);
+        self.sum[slot] = self.sum[slot].add(V::select_where(ok, e, zero));
+        self.shifted[slot] = self.shifted[slot].add(V::select_where(ok, t, zero));
+        self.allowed = self.allowed.add(V::select_where(ok, V::splat(1.0), zero));
+        if let Some(aux) = self.lanes.aux {
+            let v = aux.at(offset);
+            let acc = self.aux_shifted[slot];
+            self.aux_shifted[slot] = V::select_where(ok, v.mul_add(t, acc), acc);
+            self.aux_sum[slot] = self.aux_sum[slot].add(V::select_where(ok, v, zero));
+            self.aux_masked = self.aux_masked.add(V::select_where(ok, zero, v));
+        }
+        V::select_where(ok, e, V::splat(-1.0))
+    }
+
     #[inline(always)]
     fn stats(&self) -> Stats {
         Stats {
@@ -1459,7 +1509,7 @@ impl<'a, V: Vector, const CAREFUL: bool> SumExp<'a, V, CAREFUL> {
     }
 }
 
-impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
+impl<V: Vector, const MODE: u8> Op<V> for SumExp<'_, V, MODE> {
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
         self.pending += 1;
@@ -1469,8 +1519,10 @@ impl<V: Vector, const CAREFUL: bool> Op<V> for SumExp<'_, V, CAREFUL> {
         if let Some(x) = self.ahead.get(offset) {
             V::prefetch(x);
         }
-        if CAREFUL {
-            return self.careful(slot, offset, z);
+        match MODE {
+            CAREFUL => return self.careful(slot, offset, z),
+            MASKED => return self.masked(slot, offset, z),
+            _ => {}
         }
         let slot = slot & 3;
         let t = self.lanes.shifted(z);
@@ -1687,21 +1739,21 @@ fn block_stats<V: Vector>(
         return stats;
     }
     let lanes = Lanes::new(m, transform, aux, mask);
-    if needs_care(m, tmin) || mask.is_some() {
-        sums_fold::<V, true>(z, m, lanes, ahead)
-    } else {
-        sums_fold::<V, false>(z, m, lanes, ahead)
+    match sums_mode(m, tmin, mask) {
+        CAREFUL => sums_fold::<V, CAREFUL>(z, m, lanes, ahead),
+        MASKED => sums_fold::<V, MASKED>(z, m, lanes, ahead),
+        _ => sums_fold::<V, FAST>(z, m, lanes, ahead),
     }
 }
 
 #[inline(always)]
-fn sums_fold<'a, V: Vector, const CAREFUL: bool>(
+fn sums_fold<'a, V: Vector, const MODE: u8>(
     z: &[f32],
     m: f32,
     lanes: Lanes<'a, V>,
     ahead: &'a [f32],
 ) -> Stats {
-    let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
+    let mut op = SumExp::<V, MODE>::new(m, lanes);
     op.ahead = ahead;
     fold(z, f32::NEG_INFINITY, &mut op);
     op.stats()
@@ -2078,10 +2130,10 @@ pub(crate) fn gradient_row<V: RowKernels>(
             // Before the pass that may overwrite the logits with exps.
             let rest = exact_rest(job, z, target, m);
             let lanes = Lanes::new(m, transform, aux, mask);
-            let stats = if needs_care(m, tmin) || mask.is_some() {
-                sums_map::<V, true>(&mut io, m, lanes)
-            } else {
-                sums_map::<V, false>(&mut io, m, lanes)
+            let stats = match sums_mode(m, tmin, mask) {
+                CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes),
+                MASKED => sums_map::<V, MASKED>(&mut io, m, lanes),
+                _ => sums_map::<V, FAST>(&mut io, m, lanes),
             };
             (stats, rest)
         }
@@ -2252,8 +2304,8 @@ fn write_gradient<V: Vector>(
 }
 
 #[inline(always)]
-fn sums_map<V: Vector, const CAREFUL: bool>(io: &mut Io<'_>, m: f32, lanes: Lanes<'_, V>) -> Stats {
-    let mut op = SumExp::<V, CAREFUL>::new(m, lanes);
+fn sums_map<V: Vector, const MODE: u8>(io: &mut Io<'_>, m: f32, lanes: Lanes<'_, V>) -> Stats {
+    let mut op = SumExp::<V, MODE>::new(m, lanes);
     io.map(f32::NEG_INFINITY, &mut op, false);
     op.stats()
 }

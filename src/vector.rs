@@ -12,6 +12,9 @@
 pub(crate) trait Vector: Copy {
     /// Number of f32 lanes.
     const LANES: usize;
+    /// A per-lane predicate: an opmask on AVX-512, a vector of all-ones or all-zeros lanes
+    /// elsewhere.
+    type Mask: Copy;
     /// `[f32; LANES]`.
     type Array: Copy + AsRef<[f32]> + AsMut<[f32]>;
 
@@ -86,6 +89,11 @@ pub(crate) trait Vector: Copy {
     fn scatter_column_where(self, keep: Self, s: &mut [f32], stride: usize, j: usize) {
         scatter_column_lanes(self, keep, s, stride, j);
     }
+    /// True in the lanes whose flag in `allowed` (the next `LANES` class-mask flags; lanes past
+    /// its end count as disallowed) is set.
+    fn allowed(allowed: &[bool]) -> Self::Mask;
+    /// Per lane: `if m { t } else { f }`.
+    fn select_where(m: Self::Mask, t: Self, f: Self) -> Self;
     /// The lanes as an array.
     fn to_array(self) -> Self::Array;
 
@@ -150,11 +158,7 @@ pub(crate) trait Vector: Copy {
 /// `LANES` flags are left).
 #[inline(always)]
 pub(crate) fn keep_allowed_lanes<V: Vector>(v: V, allowed: &[bool]) -> V {
-    let mut flags = V::splat(0.0).to_array();
-    for (lane, &ok) in flags.as_mut().iter_mut().zip(allowed) {
-        *lane = if ok { 1.0 } else { 0.0 };
-    }
-    V::load(&flags).select_eq(V::splat(0.0), V::splat(f32::NEG_INFINITY), v)
+    allowed_lanes::<V>(allowed).select_eq(V::splat(0.0), V::splat(f32::NEG_INFINITY), v)
 }
 
 /// `s[i * stride + j]` for lane `i`, 0 past the end of `s`.
@@ -186,4 +190,15 @@ pub(crate) fn scatter_column_lanes<V: Vector>(
         }
         at = at.and_then(|i| i.checked_add(stride));
     }
+}
+
+/// The class-mask flags of the next `V::LANES` classes as 1.0 (allowed) or 0.0 lanes (0.0 past
+/// the end of `allowed`).
+#[inline(always)]
+pub(crate) fn allowed_lanes<V: Vector>(allowed: &[bool]) -> V {
+    let mut flags = V::splat(0.0).to_array();
+    for (lane, &ok) in flags.as_mut().iter_mut().zip(allowed) {
+        *lane = if ok { 1.0 } else { 0.0 };
+    }
+    V::load(&flags)
 }

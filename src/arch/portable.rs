@@ -15,6 +15,7 @@ pub(crate) struct Portable(f32x8);
 impl Vector for Portable {
     const LANES: usize = 8;
     type Array = [f32; 8];
+    type Mask = f32x8;
 
     #[inline(always)]
     fn split(s: &[f32]) -> (&[[f32; 8]], &[f32]) {
@@ -45,6 +46,16 @@ impl Vector for Portable {
         for (x, lane) in tail.iter_mut().zip(self.0.to_array()) {
             *x = lane;
         }
+    }
+    #[inline(always)]
+    fn allowed(allowed: &[bool]) -> f32x8 {
+        crate::vector::allowed_lanes::<Self>(allowed)
+            .0
+            .simd_ne(f32x8::ZERO)
+    }
+    #[inline(always)]
+    fn select_where(m: f32x8, t: Self, f: Self) -> Self {
+        Portable(m.select(t.0, f.0))
     }
     #[inline(always)]
     fn splat(x: f32) -> Self {

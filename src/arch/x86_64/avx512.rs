@@ -10,7 +10,7 @@ use core::arch::x86_64::{
     _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_set1_epi32, _mm512_set1_ps,
     _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps, _mm512_sub_ps,
     _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _CMP_EQ_OQ, _CMP_LT_OQ,
-    _MM_HINT_T0,
+    _CMP_NEQ_OQ, _MM_HINT_T0,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -39,6 +39,7 @@ fn low_lanes(len: usize) -> __mmask16 {
 impl Vector for Avx512 {
     const LANES: usize = 16;
     type Array = [f32; 16];
+    type Mask = __mmask16;
 
     #[inline(always)]
     fn split(s: &[f32]) -> (&[[f32; 16]], &[f32]) {
@@ -103,6 +104,27 @@ impl Vector for Avx512 {
     fn prefetch(x: &f32) {
         // SAFETY: a prefetch is a hint that never faults; `x` is a valid reference anyway.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(core::ptr::from_ref(x).cast()) }
+    }
+    #[inline(always)]
+    fn allowed(allowed: &[bool]) -> __mmask16 {
+        match allowed.first_chunk::<16>() {
+            // SAFETY: see the impl comment; `flags` is 16 readable bytes (a `bool` is one byte,
+            // 0 or 1), exactly what the unaligned 128-bit load reads.
+            Some(flags) => unsafe {
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(flags.as_ptr().cast()));
+                _mm512_test_epi32_mask(bytes, bytes)
+            },
+            None => {
+                let flags = crate::vector::allowed_lanes::<Self>(allowed);
+                // SAFETY: see the impl comment.
+                unsafe { _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(flags.0, _mm512_set1_ps(0.0)) }
+            }
+        }
+    }
+    #[inline(always)]
+    fn select_where(m: __mmask16, t: Self, f: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_mask_blend_ps(m, f.0, t.0) })
     }
     #[inline(always)]
     fn keep_allowed(self, allowed: &[bool]) -> Self {
