@@ -107,18 +107,16 @@ impl Vector for Avx2 {
     }
     #[inline(always)]
     fn allowed(allowed: &[bool]) -> __m256 {
-        match allowed.first_chunk::<8>() {
-            // SAFETY: see the impl comment; `flags` is 8 readable bytes (a `bool` is one byte,
-            // 0 or 1), exactly what the 64-bit load reads.
-            Some(flags) => unsafe {
-                let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(flags.as_ptr().cast()));
-                _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()))
-            },
-            None => {
-                let flags = crate::vector::allowed_lanes::<Self>(allowed);
-                // SAFETY: see the impl comment.
-                unsafe { _mm256_cmp_ps::<_CMP_NEQ_OQ>(flags.0, _mm256_setzero_ps()) }
-            }
+        let Some(flags) = allowed.first_chunk::<8>() else {
+            let flags = crate::vector::allowed_lanes::<Self>(allowed);
+            // SAFETY: see the impl comment.
+            return unsafe { _mm256_cmp_ps::<_CMP_NEQ_OQ>(flags.0, _mm256_setzero_ps()) };
+        };
+        // SAFETY: see the impl comment; `flags` is 8 readable bytes (a `bool` is one byte, 0 or
+        // 1), exactly what the 64-bit load reads.
+        unsafe {
+            let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(flags.as_ptr().cast()));
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()))
         }
     }
     #[inline(always)]

@@ -107,18 +107,16 @@ impl Vector for Avx512 {
     }
     #[inline(always)]
     fn allowed(allowed: &[bool]) -> __mmask16 {
-        match allowed.first_chunk::<16>() {
-            // SAFETY: see the impl comment; `flags` is 16 readable bytes (a `bool` is one byte,
-            // 0 or 1), exactly what the unaligned 128-bit load reads.
-            Some(flags) => unsafe {
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(flags.as_ptr().cast()));
-                _mm512_test_epi32_mask(bytes, bytes)
-            },
-            None => {
-                let flags = crate::vector::allowed_lanes::<Self>(allowed);
-                // SAFETY: see the impl comment.
-                unsafe { _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(flags.0, _mm512_set1_ps(0.0)) }
-            }
+        let Some(flags) = allowed.first_chunk::<16>() else {
+            let flags = crate::vector::allowed_lanes::<Self>(allowed);
+            // SAFETY: see the impl comment.
+            return unsafe { _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(flags.0, _mm512_set1_ps(0.0)) };
+        };
+        // SAFETY: see the impl comment; `flags` is 16 readable bytes (a `bool` is one byte, 0 or
+        // 1), exactly what the unaligned 128-bit load reads.
+        unsafe {
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(flags.as_ptr().cast()));
+            _mm512_test_epi32_mask(bytes, bytes)
         }
     }
     #[inline(always)]
