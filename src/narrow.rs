@@ -20,9 +20,13 @@
 //!
 //! Numerics, against the row kernel: the same `t - m` and the same exps, bit for bit; the sums in
 //! f32, in two accumulators (at most 16 additions each, as in the row kernel's lanes); `ln s` by
-//! an f32 log of at most 1 ulp; the loss as a sum of non-negative terms (`A ln s + q_y (m - t_y) - D sum_{k != y} (t_k - m)`, the target's
-//! share kept out of the shifted sum, so nothing cancels); the target's gradient by one fused
-//! multiply-add. Every result is within the crate's tolerance of the reference.
+//! an f32 log of at most 1 ulp; the loss as a sum of non-negative terms,
+//! `A ln s + q_y (m - t_y) - D sum_{k != y} (t_k - m)` (the target's share kept out of the shifted
+//! sum, so nothing cancels); the gradient as `e a + b` per element (one multiply-add, fused where
+//! the backend has FMA). Every result is within the crate's tolerance of the reference. The row
+//! kernel keeps these per-row constants in f64; here they are f32, so a row whose loss, lse or
+//! gradient constants overflow f32 (logits near `f32::MAX` with a z-loss, huge weights or
+//! upstream scales) is handed to the row kernel as well.
 
 use crate::exp::exp_nonpositive;
 use crate::kernel::{Io, Job, RowResult, RowTarget, Weights, FAST_RANGE_MAX};
@@ -181,12 +185,20 @@ fn group_with<V: Vector, const N: usize>(
     let base = rest.mul_add(V::splat(-per as f32), base);
     let loss = base.mul_add(weight, z_loss);
 
+    // The gradient's constants: g_k = f (A' p_k - D) off the target, f (A' p_y - q_y) on it;
+    // +0 for an ignored row (whatever the sign of A').
+    // (No closures here: they would not inherit the backend's target features.)
+    let scaled = target.select_lt(zero, zero, factor.mul(a_grad).div(sum));
+    let off = target.select_lt(zero, zero, factor.mul(V::splat(-per as f32)));
+    let on_target = factor.mul(V::splat(-q_y as f32));
+    // A row whose loss, lse or gradient constants overflowed f32 here (extreme logits, weights,
+    // scales or z-loss, which the row kernel carries in f64) goes to the row kernel too: `spill`
+    // is NaN in its lane.
+    let spill = loss.sub(loss).add(lse.sub(lse)).add(scaled.sub(scaled));
+    let spill = spill.add(off.sub(off)).add(on_target.sub(on_target));
+    let ok = spill.select_eq(zero, ok, zero);
+
     if let Group::Gradient(io) = group {
-        // g_k = f (A' p_k - D) off the target, f (A' p_y - q_y) on it; nothing for a row handed
-        // back.
-        let scaled = factor.mul(a_grad).div(sum);
-        let off = factor.mul(V::splat(-per as f32));
-        let on_target = factor.mul(V::splat(-q_y as f32));
         let out = io.out();
         for (j, e) in cols.iter().take(k).enumerate() {
             let add = target.select_eq(V::splat(j as f32), on_target, off);

@@ -229,3 +229,126 @@ fn check_options(k: usize, smoothing: Smoothing, opt: &Options, logits: &[f32], 
         }
     }
 }
+
+/// Runs `ce` on every backend and compares losses, total, lse and the gradient with the
+/// reference, relative to each value's magnitude (the inputs are extreme), and checks that the
+/// gradient rows of ignored rows are `+0.0` bit for bit.
+fn check_extreme(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) {
+    let n = targets.len();
+    let k = ce.classes();
+    let mut want_losses = vec![0.0; n];
+    let mut want_grad = vec![0.0; n * k];
+    let mut want_lse = vec![0.0; n];
+    let want = reference::forward_backward_with(
+        ce,
+        logits,
+        Targets::from(targets),
+        &mut want_losses,
+        &mut want_grad,
+        Extras {
+            lse: Some(&mut want_lse),
+            ..Extras::default()
+        },
+    )
+    .expect("reference");
+    let close = |g: f32, w: f32| {
+        g.to_bits() == w.to_bits()
+            || (f64::from(g) - f64::from(w)).abs() <= 1e-5 * f64::from(w.abs()).max(1.0)
+    };
+    for backend in backends() {
+        let ce = ce.backend(backend);
+        let mut losses = vec![f32::NAN; n];
+        let mut grad = vec![f32::NAN; n * k];
+        let mut lse = vec![f32::NAN; n];
+        let got = ce
+            .forward_backward_with(
+                logits,
+                Targets::from(targets),
+                &mut losses,
+                &mut grad,
+                Extras {
+                    lse: Some(&mut lse),
+                    ..Extras::default()
+                },
+            )
+            .expect("valid");
+        let ctx = format!("{ce:?}");
+        assert!(
+            close(got.loss, want.loss),
+            "{ctx}: total {} want {}",
+            got.loss,
+            want.loss
+        );
+        for row in 0..n {
+            assert!(
+                close(losses[row], want_losses[row]),
+                "{ctx}: row {row} loss {} want {}",
+                losses[row],
+                want_losses[row]
+            );
+            assert!(
+                close(lse[row], want_lse[row]),
+                "{ctx}: row {row} lse {} want {}",
+                lse[row],
+                want_lse[row]
+            );
+            for j in row * k..(row + 1) * k {
+                assert!(
+                    close(grad[j], want_grad[j]),
+                    "{ctx}: row {row} grad {} want {}",
+                    grad[j],
+                    want_grad[j]
+                );
+                if targets[row] == u32::MAX {
+                    assert_eq!(
+                        grad[j].to_bits(),
+                        0,
+                        "{ctx}: ignored row {row} grad {}",
+                        grad[j]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Rows whose per-row constants overflow f32 (the narrow kernel keeps them in f32, the row
+/// kernel and the reference in f64) and ignored rows next to a negative z-loss slope: the narrow
+/// kernel hands the former to the row kernel and writes `+0.0` for the latter.
+#[test]
+fn extreme_rows_match_the_reference() {
+    // z-loss of a row at 1e20: lse^2 overflows f32.
+    let row = [1e20_f32; 10];
+    let ce = CrossEntropy::new(10).z_loss(1e-4).reduction(Reduction::Sum);
+    check_extreme(&ce, &row, &[0]);
+    // An ignored row at 3e38 with a z-loss next to a live one: 2 lambda lse overflows f32.
+    let ce = CrossEntropy::new(2)
+        .z_loss(1.0)
+        .ignore_index(u32::MAX)
+        .reduction(Reduction::Sum);
+    check_extreme(&ce, &[3e38, 3e38, 1.0, 2.0], &[u32::MAX, 1]);
+    // A per-target weight of f32::MAX: the weighted loss overflows f32, the f64 mean does not.
+    let weights: Vec<f32> = (0..10)
+        .map(|c| if c == 0 { f32::MAX } else { 1.0 })
+        .collect();
+    let ce = CrossEntropy::new(10).target_weights(&weights);
+    check_extreme(&ce, &[0.0; 40], &[0, 1, 1, 1]);
+    // A logit scale and an upstream gradient whose product overflows f32 before the division by
+    // the sum of exps.
+    let ce = CrossEntropy::new(32)
+        .logit_scale(1e20)
+        .upstream(1e19)
+        .reduction(Reduction::Sum);
+    check_extreme(&ce, &[0.0; 64], &[3, 7]);
+    // Logits near -1e4 with a z-loss (A' < 0) and ignored rows: their gradient is +0.0.
+    let mut rng = Rng::new(0x4a77_0003);
+    let logits = common::random_batch(&mut rng, 20, 7, -1e4, 5.0);
+    let targets: Vec<u32> = (0..20)
+        .map(|r| if r % 3 == 0 { u32::MAX } else { r % 7 })
+        .collect();
+    let ce = CrossEntropy::new(7)
+        .z_loss(1e-4)
+        .ignore_index(u32::MAX)
+        .reduction(Reduction::Sum);
+    check_extreme(&ce, &logits, &targets);
+}
