@@ -1480,20 +1480,21 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
     #[inline(always)]
     fn masked(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
-        let zero = V::splat(0.0);
         let mask = self.lanes.mask.and_then(|m| m.get(offset..)).unwrap_or(&[]);
         let ok = V::allowed(mask);
         let t = self.lanes.shifted(z);
         let e = exp_nonpositive(t);
-        self.sum[slot] = self.sum[slot].add(V::select_where(ok, e, zero));
-        self.shifted[slot] = self.shifted[slot].add(V::select_where(ok, t, zero));
-        self.allowed = self.allowed.add(V::select_where(ok, V::splat(1.0), zero));
+        // `select(ok, acc + x, acc)`: one merge-masked addition on AVX-512.
+        let (sum, shifted) = (self.sum[slot], self.shifted[slot]);
+        self.sum[slot] = V::select_where(ok, sum.add(e), sum);
+        self.shifted[slot] = V::select_where(ok, shifted.add(t), shifted);
+        self.allowed = V::select_where(ok, self.allowed.add(V::splat(1.0)), self.allowed);
         if let Some(aux) = self.lanes.aux {
             let v = aux.at(offset);
-            let acc = self.aux_shifted[slot];
+            let (acc, sum) = (self.aux_shifted[slot], self.aux_sum[slot]);
             self.aux_shifted[slot] = V::select_where(ok, v.mul_add(t, acc), acc);
-            self.aux_sum[slot] = self.aux_sum[slot].add(V::select_where(ok, v, zero));
-            self.aux_masked = self.aux_masked.add(V::select_where(ok, zero, v));
+            self.aux_sum[slot] = V::select_where(ok, sum.add(v), sum);
+            self.aux_masked = V::select_where(ok, self.aux_masked, self.aux_masked.add(v));
         }
         V::select_where(ok, e, V::splat(-1.0))
     }

@@ -9,8 +9,8 @@ use core::arch::x86_64::{
     _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_reduce_add_pd,
     _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_set1_epi32, _mm512_set1_ps,
     _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps, _mm512_sub_ps,
-    _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _CMP_EQ_OQ, _CMP_LT_OQ,
-    _CMP_NEQ_OQ, _MM_HINT_T0,
+    _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _CMP_EQ_OQ, _CMP_NEQ_OQ,
+    _CMP_NLT_UQ, _MM_HINT_T0,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -207,9 +207,12 @@ impl Vector for Avx512 {
     }
     #[inline(always)]
     fn select_lt(self, b: Self, t: Self, f: Self) -> Self {
+        // The negated compare (`!(self < b)`, true for NaN) picks `f`: the same lanes, and the
+        // mask can zero or merge the operation producing `f` directly, with no `knotw` (which
+        // takes a vector port) when `t` is zero, as in the exp's cutoff and pass 3.
         // SAFETY: see the impl comment.
         Avx512(unsafe {
-            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, b.0), f.0, t.0)
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(self.0, b.0), t.0, f.0)
         })
     }
     #[inline(always)]
