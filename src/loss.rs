@@ -1283,30 +1283,27 @@ impl<'a> CrossEntropy<'a> {
                 return Err(Error::InvalidRowScale { row, value });
             }
         }
-        let mut counted = 0_usize;
         let mut weight_sum = 0.0_f64;
-        for row in 0..rows {
-            let Some(target) = targets.class(row) else {
-                // Soft targets: every row counts.
-                counted += 1;
-                continue;
+        let counted = if let Targets::Soft(_) = targets {
+            // Soft targets: every row counts.
+            rows
+        } else {
+            let per_class = match self.weights {
+                Some((w, WeightMode::PerClass)) => Some(w),
+                _ => None,
             };
-            if Some(target) == self.ignore_index {
-                continue;
-            }
-            let class = usize::try_from(target).ok().filter(|&c| c < k);
-            let Some(class) = class else {
-                return Err(Error::TargetOutOfRange {
+            targets
+                .scan_classes(self.ignore_index, k, |class| {
+                    if let Some(w) = per_class {
+                        weight_sum += w.get(class).map_or(0.0, |&v| f64::from(v));
+                    }
+                })
+                .map_err(|(row, target)| Error::TargetOutOfRange {
                     row,
                     target,
                     classes: k,
-                });
-            };
-            counted += 1;
-            if let Some((w, WeightMode::PerClass)) = self.weights {
-                weight_sum += w.get(class).map_or(0.0, |&v| f64::from(v));
-            }
-        }
+                })?
+        };
         let natural = match self.weights {
             Some((_, WeightMode::PerClass)) => weight_sum,
             _ => counted as f64,

@@ -218,13 +218,23 @@ fn row_lanes<V: Vector>(
     first_row: usize,
 ) -> (V, V, V, [bool; MAX_LANES]) {
     let zero = V::splat(0.0);
-    // Per-row factors and weights only when set.
     let mut target = zero.to_array();
     let mut factor = zero.to_array();
     let mut weight = zero.to_array();
     let mut live = [false; MAX_LANES];
     let per_row = job.row_scales.is_some() || matches!(job.weights, Weights::PerTarget(_));
     let call_factor = job.grad_scale * f64::from(job.transform.scale);
+    if !per_row {
+        // Without per-row factors and weights: the lanes the loop below would give with a row
+        // scale and weight of 1, the target type matched once.
+        targets.class_lanes(first_row, job.ignore_index, target.as_mut());
+        for (l, &t) in live.iter_mut().zip(target.as_ref()) {
+            *l = t >= 0.0;
+        }
+        let target = V::load(&target);
+        let factor = target.select_lt(zero, zero, V::splat(call_factor as f32));
+        return (target, factor, V::splat(1.0), live);
+    }
     let lanes = target
         .as_mut()
         .iter_mut()
@@ -236,29 +246,20 @@ fn row_lanes<V: Vector>(
             *t = -1.0;
             continue;
         };
+        let row_weight = match job.weights {
+            Weights::PerTarget(w) => w.get(y).map_or(f64::NAN, |&v| f64::from(v)),
+            _ => 1.0,
+        };
+        let row_scale = job
+            .row_scales
+            .and_then(|r| r.get(row))
+            .map_or(1.0, |&r| f64::from(r));
         *t = y as f32;
         *l = true;
-        if per_row {
-            let row_weight = match job.weights {
-                Weights::PerTarget(w) => w.get(y).map_or(f64::NAN, |&v| f64::from(v)),
-                _ => 1.0,
-            };
-            let row_scale = job
-                .row_scales
-                .and_then(|r| r.get(row))
-                .map_or(1.0, |&r| f64::from(r));
-            *w = row_weight as f32;
-            *f = (call_factor * row_scale * row_weight) as f32;
-        }
+        *w = row_weight as f32;
+        *f = (call_factor * row_scale * row_weight) as f32;
     }
-    let target = V::load(&target);
-    let (factor, weight) = if per_row {
-        (V::load(&factor), V::load(&weight))
-    } else {
-        // The same bits as above with a row scale and weight of 1.
-        let live_factor = V::splat(call_factor as f32);
-        (target.select_lt(zero, zero, live_factor), V::splat(1.0))
-    };
+    let (target, factor, weight) = (V::load(&target), V::load(&factor), V::load(&weight));
     (target, factor, weight, live)
 }
 

@@ -79,6 +79,46 @@ impl<'t> Targets<'t> {
         }
     }
 
+    /// The classes of rows `first..first + out.len()` as f32 (exact: at most 2^24), `-1.0` for a
+    /// row whose target is `ignore`, a row past the end, and every row of soft targets. The
+    /// integer type is matched once, not once per row.
+    pub(crate) fn class_lanes(&self, first: usize, ignore: Option<i64>, out: &mut [f32]) {
+        match self {
+            Targets::U8(t) => fill_lanes(t, first, ignore, out, i64::from),
+            Targets::U16(t) => fill_lanes(t, first, ignore, out, i64::from),
+            Targets::U32(t) => fill_lanes(t, first, ignore, out, i64::from),
+            Targets::I32(t) => fill_lanes(t, first, ignore, out, i64::from),
+            Targets::I64(t) => fill_lanes(t, first, ignore, out, |v| v),
+            Targets::Usize(t) => fill_lanes(t, first, ignore, out, |v| {
+                i64::try_from(v).unwrap_or(i64::MAX)
+            }),
+            Targets::Soft(_) => out.fill(-1.0),
+        }
+    }
+
+    /// Checks every class target against `classes` in order, skipping rows whose target is
+    /// `ignore`, and calls `each` with the class of every other row; returns how many rows it
+    /// called `each` for, or the first `(row, target)` out of range. Soft targets: `Ok(0)`. The
+    /// integer type is matched once, not once per row.
+    pub(crate) fn scan_classes(
+        &self,
+        ignore: Option<i64>,
+        classes: usize,
+        each: impl FnMut(usize),
+    ) -> Result<usize, (usize, i64)> {
+        match self {
+            Targets::U8(t) => scan(t, ignore, classes, each, i64::from),
+            Targets::U16(t) => scan(t, ignore, classes, each, i64::from),
+            Targets::U32(t) => scan(t, ignore, classes, each, i64::from),
+            Targets::I32(t) => scan(t, ignore, classes, each, i64::from),
+            Targets::I64(t) => scan(t, ignore, classes, each, |v| v),
+            Targets::Usize(t) => scan(t, ignore, classes, each, |v| {
+                i64::try_from(v).unwrap_or(i64::MAX)
+            }),
+            Targets::Soft(_) => Ok(0),
+        }
+    }
+
     /// Row `row` of soft targets.
     pub(crate) fn soft_row(self, row: usize, classes: usize) -> Option<&'t [f32]> {
         match self {
@@ -104,3 +144,47 @@ macro_rules! from_slices {
 }
 
 from_slices!(u8 => U8, u16 => U16, u32 => U32, i32 => I32, i64 => I64, usize => Usize);
+
+/// [`Targets::class_lanes`] for one integer type.
+fn fill_lanes<T: Copy>(
+    targets: &[T],
+    first: usize,
+    ignore: Option<i64>,
+    out: &mut [f32],
+    class: impl Fn(T) -> i64,
+) {
+    let rows = targets.get(first..).unwrap_or(&[]);
+    let mut lanes = out.iter_mut();
+    for (lane, &target) in lanes.by_ref().zip(rows) {
+        let c = class(target);
+        *lane = if Some(c) == ignore { -1.0 } else { c as f32 };
+    }
+    for lane in lanes {
+        *lane = -1.0;
+    }
+}
+
+/// [`Targets::scan_classes`] for one integer type.
+fn scan<T: Copy>(
+    targets: &[T],
+    ignore: Option<i64>,
+    classes: usize,
+    mut each: impl FnMut(usize),
+    class: impl Fn(T) -> i64,
+) -> Result<usize, (usize, i64)> {
+    let mut counted = 0;
+    for (row, &target) in targets.iter().enumerate() {
+        let c = class(target);
+        if Some(c) == ignore {
+            continue;
+        }
+        match usize::try_from(c).ok().filter(|&x| x < classes) {
+            Some(x) => {
+                counted += 1;
+                each(x);
+            }
+            None => return Err((row, c)),
+        }
+    }
+    Ok(counted)
+}
