@@ -154,13 +154,11 @@ fn fill_lanes<T: Copy>(
     class: impl Fn(T) -> i64,
 ) {
     let rows = targets.get(first..).unwrap_or(&[]);
-    let mut lanes = out.iter_mut();
-    for (lane, &target) in lanes.by_ref().zip(rows) {
-        let c = class(target);
-        *lane = if Some(c) == ignore { -1.0 } else { c as f32 };
-    }
-    for lane in lanes {
-        *lane = -1.0;
+    for (i, lane) in out.iter_mut().enumerate() {
+        *lane = match rows.get(i).map(|&t| class(t)) {
+            Some(c) if Some(c) != ignore && c >= 0 => c as f32,
+            _ => -1.0,
+        };
     }
 }
 
@@ -187,4 +185,33 @@ fn scan<T: Copy>(
         }
     }
     Ok(counted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_lanes_mark_ignored_and_missing_rows() {
+        let mut out = [7.0_f32; 8];
+        Targets::U8(&[0, 1, 2]).class_lanes(0, None, &mut out);
+        assert_eq!(out, [0.0, 1.0, 2.0, -1.0, -1.0, -1.0, -1.0, -1.0]);
+        let mut out = [7.0_f32; 4];
+        Targets::I64(&[3, -100, 5, 9, 4]).class_lanes(1, Some(-100), &mut out);
+        assert_eq!(out, [-1.0, 5.0, 9.0, 4.0]);
+        Targets::Usize(&[2, usize::MAX]).class_lanes(0, Some(2), &mut out);
+        assert_eq!(out[..2], [-1.0, i64::MAX as f32]);
+        assert_eq!(out[2..], [-1.0, -1.0]);
+        Targets::Soft(&[0.5, 0.5]).class_lanes(0, None, &mut out);
+        assert_eq!(out, [-1.0; 4]);
+    }
+
+    #[test]
+    fn scan_classes_counts_and_reports_the_first_bad_row() {
+        let mut seen = std::vec::Vec::new();
+        let counted = Targets::I32(&[1, -100, 2, 0]).scan_classes(Some(-100), 3, |c| seen.push(c));
+        assert_eq!((counted, seen), (Ok(3), std::vec![1, 2, 0]));
+        let bad = Targets::U16(&[0, 3, 7]).scan_classes(None, 3, |_| {});
+        assert_eq!(bad, Err((1, 3)));
+    }
 }
