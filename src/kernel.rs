@@ -2220,10 +2220,12 @@ fn write_gradient<V: Vector>(
         coef.a
     };
     let a = scale * a_grad / stats.sum_exp * stored_exps.unwrap_or(1.0);
+    let (b, c) = (-scale * coef.d, -scale * coef.c);
+    let wide = beyond_f32([a, b, c]);
     let grad = GradLanes {
         a: V::splat(a as f32),
-        b: V::splat((-scale * coef.d) as f32),
-        c: V::splat((-scale * coef.c) as f32),
+        b: V::splat(b as f32),
+        c: V::splat(c as f32),
     };
     let (aux, mask) = (piece.aux, piece.mask);
     // Some class of the full row is masked: this piece may hold it.
@@ -2233,12 +2235,7 @@ fn write_gradient<V: Vector>(
         .zip(piece.target_index)
         .and_then(|(factor, local)| Some(f64::from(io.get_out(local)?) * factor));
     if stored_exps.is_some() {
-        let aux = aux.map(AuxRow::new);
-        if masked {
-            io.map_out(0.0, &mut Scale::<V, true> { grad, aux });
-        } else {
-            io.map_out(0.0, &mut Scale::<V, false> { grad, aux });
-        }
+        scale_stored::<V>(io, grad, wide.then_some([a, b, c]), aux, masked);
     } else {
         let lanes = Lanes::new(stats.max, transform, aux, mask);
         let careful = masked || mask.is_some();
@@ -2302,6 +2299,49 @@ fn write_gradient<V: Vector>(
         io.set_out(local, g_y as f32);
     }
     result
+}
+
+/// Pass 3 of the reload strategy over the stored exps in `io`'s destination: in f64 when `wide`
+/// holds the constants (see [`beyond_f32`]), else vector by vector, zeroing the masked marker
+/// when some class is `masked`.
+#[inline(always)]
+fn scale_stored<V: Vector>(
+    io: &mut Io<'_>,
+    grad: GradLanes<V>,
+    wide: Option<[f64; 3]>,
+    aux: Option<&[f32]>,
+    masked: bool,
+) {
+    let row_aux = aux.map(AuxRow::new);
+    match wide {
+        Some(constants) => scale_exps_wide(io.out(), constants, aux),
+        None if masked => io.map_out(0.0, &mut Scale::<V, true> { grad, aux: row_aux }),
+        None => io.map_out(0.0, &mut Scale::<V, false> { grad, aux: row_aux }),
+    }
+}
+
+/// Whether a finite gradient constant is beyond f32 (while the products it makes may not be:
+/// `e = 0` times a huge `a`); stored exps are then scaled in f64 by [`scale_exps_wide`].
+fn beyond_f32(constants: [f64; 3]) -> bool {
+    constants
+        .iter()
+        .any(|&x| x.is_finite() && !(x as f32).is_finite())
+}
+
+/// Pass 3 of the reload strategy in f64, element by element: `g = e a + b + c v`, 0 for the
+/// masked marker `e < 0`; for rows whose constants `a, b, c` overflow f32 (see
+/// [`write_gradient`]).
+fn scale_exps_wide(out: &mut [f32], [a, b, c]: [f64; 3], aux: Option<&[f32]>) {
+    for (k, g) in out.iter_mut().enumerate() {
+        let e = f64::from(*g);
+        *g = if e < 0.0 {
+            0.0
+        } else {
+            let v = aux.and_then(|v| v.get(k)).map_or(0.0, |&v| f64::from(v));
+            let cv = if c == 0.0 { 0.0 } else { c * v };
+            (e * a + b + cv) as f32
+        };
+    }
 }
 
 #[inline(always)]
