@@ -1186,7 +1186,7 @@ fn apply_mask<V: Vector>(mask: &[bool], offset: usize, z: V) -> V {
     z.keep_allowed(mask.get(offset..).unwrap_or(&[]))
 }
 
-/// Max and min of a row of raw logits (masked lanes excluded from the max, not from the min).
+/// Max and min of a row of raw logits over the lanes the class mask allows.
 struct MaxMin<'m, V> {
     max: [V; 4],
     min: [V; 4],
@@ -1219,17 +1219,19 @@ impl<V: Vector> Op<V> for MaxMin<'_, V> {
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
-        let max = self.max[slot].max(z);
-        self.max[slot] = match self.mask {
-            Some(mask) => V::select_where(
-                V::allowed(mask.get(offset..).unwrap_or(&[])),
-                max,
-                self.max[slot],
-            ),
-            None => max,
+        let (max, min) = (self.max[slot].max(z), self.min[slot].min(z));
+        // Over the allowed lanes only: a disallowed lane's NaN could otherwise hide an allowed
+        // `-inf` from the min (which must send the row to the careful variant).
+        (self.max[slot], self.min[slot]) = match self.mask {
+            Some(mask) => {
+                let ok = V::allowed(mask.get(offset..).unwrap_or(&[]));
+                (
+                    V::select_where(ok, max, self.max[slot]),
+                    V::select_where(ok, min, self.min[slot]),
+                )
+            }
+            None => (max, min),
         };
-        // Over every lane, allowed or not: the masked variant relies on the whole range.
-        self.min[slot] = self.min[slot].min(z);
         z
     }
 
