@@ -73,8 +73,8 @@ const MASKED: u8 = 1;
 /// Anything else (`-inf` logits, wide ranges): pre-scaled sums, every masked lane selected away.
 const CAREFUL: u8 = 2;
 
-/// The [`SumExp`] variant for a row (or block) with this transformed max and min (over all its
-/// lanes, allowed or not).
+/// The [`SumExp`] variant for a row (or block) with this transformed max and min (over its
+/// allowed lanes).
 fn sums_mode(max: f32, min: f32, mask: Option<&[bool]>) -> u8 {
     if needs_care(max, min) {
         CAREFUL
