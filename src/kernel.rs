@@ -1183,7 +1183,8 @@ impl<'a, V: Vector> AuxRow<'a, V> {
 /// mask: `-inf` too, which only tail padding can reach).
 #[inline(always)]
 fn apply_mask<V: Vector>(mask: &[bool], offset: usize, z: V) -> V {
-    z.keep_allowed(mask.get(offset..).unwrap_or(&[]))
+    let allowed = V::allowed(mask.get(offset..).unwrap_or(&[]));
+    V::select_where(allowed, z, V::splat(f32::NEG_INFINITY))
 }
 
 /// Max and min of a row of raw logits over the lanes the class mask allows.

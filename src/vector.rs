@@ -71,12 +71,6 @@ pub(crate) trait Vector: Copy {
         let _ = x;
     }
 
-    /// `self` in the lanes whose flag in `allowed` (the next `LANES` class-mask flags; lanes
-    /// past its end count as disallowed) is true, `-inf` in the others.
-    #[inline(always)]
-    fn keep_allowed(self, allowed: &[bool]) -> Self {
-        keep_allowed_lanes(self, allowed)
-    }
     /// Lane `i` is `s[i * stride + j]` (0 past the end of `s`): column `j` of `LANES` rows of
     /// `stride` elements.
     #[inline(always)]
@@ -152,13 +146,6 @@ pub(crate) trait Vector: Copy {
         let [a, b, c, d, e, f, g, h] = pairs;
         ((a + e) + (c + g)) + ((b + f) + (d + h))
     }
-}
-
-/// [`Vector::keep_allowed`] lane by lane, for any backend (and for the x86 ones when fewer than
-/// `LANES` flags are left).
-#[inline(always)]
-pub(crate) fn keep_allowed_lanes<V: Vector>(v: V, allowed: &[bool]) -> V {
-    allowed_lanes::<V>(allowed).select_eq(V::splat(0.0), V::splat(f32::NEG_INFINITY), v)
 }
 
 /// `s[i * stride + j]` for lane `i`, 0 past the end of `s`.

@@ -3,14 +3,14 @@
 use core::arch::x86_64::{
     __m128, __m256, __m256i, _mm256_add_epi32, _mm256_add_pd, _mm256_add_ps, _mm256_blendv_ps,
     _mm256_castpd256_pd128, _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_ps,
-    _mm256_cmp_ps, _mm256_cmpeq_epi32, _mm256_cmpgt_epi32, _mm256_cvtepu8_epi32, _mm256_cvtps_pd,
-    _mm256_div_ps, _mm256_extractf128_pd, _mm256_extractf128_ps, _mm256_fmadd_ps,
-    _mm256_i32gather_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps,
-    _mm256_mullo_epi32, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps,
-    _mm256_setzero_si256, _mm256_slli_epi32, _mm256_storeu_ps, _mm256_stream_ps, _mm256_sub_ps,
-    _mm_add_pd, _mm_add_sd, _mm_cvtsd_f64, _mm_cvtss_f32, _mm_loadl_epi64, _mm_max_ps, _mm_min_ps,
-    _mm_movehl_ps, _mm_prefetch, _mm_sfence, _mm_shuffle_ps, _mm_unpackhi_pd, _CMP_EQ_OQ,
-    _CMP_LT_OQ, _CMP_NEQ_OQ, _MM_HINT_T0,
+    _mm256_cmp_ps, _mm256_cmpgt_epi32, _mm256_cvtepu8_epi32, _mm256_cvtps_pd, _mm256_div_ps,
+    _mm256_extractf128_pd, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_i32gather_ps,
+    _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_mullo_epi32,
+    _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256,
+    _mm256_slli_epi32, _mm256_storeu_ps, _mm256_stream_ps, _mm256_sub_ps, _mm_add_pd, _mm_add_sd,
+    _mm_cvtsd_f64, _mm_cvtss_f32, _mm_loadl_epi64, _mm_max_ps, _mm_min_ps, _mm_movehl_ps,
+    _mm_prefetch, _mm_sfence, _mm_shuffle_ps, _mm_unpackhi_pd, _CMP_EQ_OQ, _CMP_LT_OQ, _CMP_NEQ_OQ,
+    _MM_HINT_T0,
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
@@ -123,23 +123,6 @@ impl Vector for Avx2 {
     fn select_where(m: __m256, t: Self, f: Self) -> Self {
         // SAFETY: see the impl comment.
         Avx2(unsafe { _mm256_blendv_ps(f.0, t.0, m) })
-    }
-    #[inline(always)]
-    fn keep_allowed(self, allowed: &[bool]) -> Self {
-        match allowed.first_chunk::<8>() {
-            // SAFETY: see the impl comment; `flags` is 8 readable bytes (a `bool` is one byte,
-            // 0 or 1), exactly what the 64-bit load reads.
-            Some(flags) => Avx2(unsafe {
-                let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(flags.as_ptr().cast()));
-                let masked = _mm256_cmpeq_epi32(bytes, _mm256_setzero_si256());
-                _mm256_blendv_ps(
-                    self.0,
-                    _mm256_set1_ps(f32::NEG_INFINITY),
-                    _mm256_castsi256_ps(masked),
-                )
-            }),
-            None => crate::vector::keep_allowed_lanes(self, allowed),
-        }
     }
     #[inline(always)]
     fn splat(x: f32) -> Self {

@@ -125,19 +125,6 @@ impl Vector for Avx512 {
         Avx512(unsafe { _mm512_mask_blend_ps(m, f.0, t.0) })
     }
     #[inline(always)]
-    fn keep_allowed(self, allowed: &[bool]) -> Self {
-        match allowed.first_chunk::<16>() {
-            // SAFETY: see the impl comment; `flags` is 16 readable bytes (a `bool` is one byte,
-            // 0 or 1), exactly what the unaligned 128-bit load reads.
-            Some(flags) => Avx512(unsafe {
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(flags.as_ptr().cast()));
-                let keep = _mm512_test_epi32_mask(bytes, bytes);
-                _mm512_mask_blend_ps(keep, _mm512_set1_ps(f32::NEG_INFINITY), self.0)
-            }),
-            None => crate::vector::keep_allowed_lanes(self, allowed),
-        }
-    }
-    #[inline(always)]
     fn gather_column(s: &[f32], stride: usize, j: usize) -> Self {
         match column_offsets(s.len(), stride, j) {
             // SAFETY: see the impl comment; every offset `i * stride + j` (i < 16) is below
