@@ -236,7 +236,7 @@ pub(crate) enum Buffers<'a> {
     /// separate buffer or over the logits.
     PieceExps {
         /// `[N, width]` logits of the piece, and where the exps go.
-        logits: PieceLogits<'a>,
+        logits: Io<'a>,
         /// Where the piece sits.
         piece: Piece,
         /// One state per row.
@@ -246,7 +246,7 @@ pub(crate) enum Buffers<'a> {
     /// piece's `own` states, rescaled from the exps `PieceExps` stored (`logits` then holds them).
     PieceGradient {
         /// `[N, width]` logits (or stored exps) of the piece, and where the gradient goes.
-        logits: PieceLogits<'a>,
+        logits: Io<'a>,
         /// Where the piece sits.
         piece: Piece,
         /// One merged state per row.
@@ -254,28 +254,6 @@ pub(crate) enum Buffers<'a> {
         /// The piece's own states, one per row, for stored exps.
         own: Option<&'a [RowState]>,
     },
-}
-
-/// A piece's input rows and where its per-element output goes: a separate buffer, or over the
-/// input.
-pub(crate) enum PieceLogits<'a> {
-    /// Input kept, output into the second slice.
-    Separate(&'a [f32], &'a mut [f32]),
-    /// Input overwritten by the output.
-    InPlace(&'a mut [f32]),
-}
-
-impl<'a> PieceLogits<'a> {
-    fn rows(self, width: NonZeroUsize) -> Rows<'a> {
-        match self {
-            PieceLogits::Separate(logits, grad) => Rows::Separate {
-                logits,
-                grad,
-                width,
-            },
-            PieceLogits::InPlace(logits) => Rows::InPlace { logits, width },
-        }
-    }
 }
 
 /// Per-row outputs of a batch; lengths already checked.
@@ -907,9 +885,12 @@ pub(crate) fn piece_gradient<V: RowKernels>(
     );
 }
 
-/// One row's source and destination.
+/// The source and destination of one row, or of a span of rows (a group, a piece's `[N, width]`
+/// block).
 pub(crate) enum Io<'r> {
+    /// Input kept, output into the second slice.
     Separate(&'r [f32], &'r mut [f32]),
+    /// Input overwritten by the output.
     InPlace(&'r mut [f32]),
 }
 

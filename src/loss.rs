@@ -3,7 +3,7 @@
 use core::num::NonZeroUsize;
 
 use crate::arch::{self, Backend};
-use crate::kernel::{Buffers, Job, Outputs, PieceLogits, Totals, Transform, Weights};
+use crate::kernel::{Buffers, Io, Job, Outputs, Totals, Transform, Weights};
 use crate::shard::{Piece, RowState};
 use crate::{Error, Targets};
 
@@ -918,7 +918,7 @@ impl<'a> CrossEntropy<'a> {
             &plan,
             targets,
             Buffers::PieceGradient {
-                logits: PieceLogits::Separate(logits, grad),
+                logits: Io::Separate(logits, grad),
                 piece,
                 merged: states,
                 own: None,
@@ -957,7 +957,7 @@ impl<'a> CrossEntropy<'a> {
             &plan,
             targets,
             Buffers::PieceGradient {
-                logits: PieceLogits::InPlace(logits),
+                logits: Io::InPlace(logits),
                 piece,
                 merged: states,
                 own: None,
@@ -1025,7 +1025,7 @@ impl<'a> CrossEntropy<'a> {
             &plan,
             targets,
             Buffers::PieceExps {
-                logits: PieceLogits::Separate(logits, exps),
+                logits: Io::Separate(logits, exps),
                 piece,
                 states,
             },
@@ -1065,7 +1065,7 @@ impl<'a> CrossEntropy<'a> {
             &plan,
             targets,
             Buffers::PieceExps {
-                logits: PieceLogits::InPlace(logits),
+                logits: Io::InPlace(logits),
                 piece,
                 states,
             },
@@ -1127,7 +1127,7 @@ impl<'a> CrossEntropy<'a> {
             &plan,
             targets,
             Buffers::PieceGradient {
-                logits: PieceLogits::InPlace(exps),
+                logits: Io::InPlace(exps),
                 piece,
                 merged,
                 own: Some(own),
