@@ -148,6 +148,19 @@ pub(crate) trait Vector: Copy {
     }
 }
 
+/// `(stride, j)` as i32 if column `j` of `lanes` rows of `stride` elements lies inside a slice of
+/// `len` elements with every offset `i * stride + j` (`i < lanes`) in i32: what the x86 gathers
+/// and scatters check before they touch memory.
+#[inline(always)]
+pub(crate) fn column_fits(len: usize, stride: usize, j: usize, lanes: usize) -> Option<(i32, i32)> {
+    let span = stride.checked_mul(lanes)?;
+    if j >= stride || span > len {
+        return None;
+    }
+    i32::try_from(span).ok()?;
+    Some((i32::try_from(stride).ok()?, i32::try_from(j).ok()?))
+}
+
 /// `s[i * stride + j]` for lane `i`, 0 past the end of `s`.
 #[inline(always)]
 pub(crate) fn gather_column_lanes<V: Vector>(s: &[f32], stride: usize, j: usize) -> V {

@@ -214,18 +214,15 @@ impl Vector for Avx2 {
 }
 
 /// The element offsets `i * stride + j` of lanes `i = 0..8`, if all of them lie below `len` and
-/// fit in an i32.
+/// fit in an i32 (checked by [`crate::vector::column_fits`]).
 #[inline(always)]
 fn column_offsets(len: usize, stride: usize, j: usize) -> Option<__m256i> {
-    let span = stride.checked_mul(8)?;
-    if j >= stride || span > len || i32::try_from(span).is_err() {
-        return None;
-    }
+    let (stride, j) = crate::vector::column_fits(len, stride, j, 8)?;
     // SAFETY: see the impl comment; integer arithmetic on registers only.
     Some(unsafe {
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let rows = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(stride as i32));
-        _mm256_add_epi32(rows, _mm256_set1_epi32(j as i32))
+        let rows = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(stride));
+        _mm256_add_epi32(rows, _mm256_set1_epi32(j))
     })
 }
 

@@ -238,18 +238,15 @@ impl Vector for Avx512 {
 }
 
 /// The element offsets `i * stride + j` of lanes `i = 0..16`, if all of them lie below `len`
-/// and fit in an i32.
+/// and fit in an i32 (checked by [`crate::vector::column_fits`]).
 #[inline(always)]
 fn column_offsets(len: usize, stride: usize, j: usize) -> Option<__m512i> {
-    let span = stride.checked_mul(16)?;
-    if j >= stride || span > len || i32::try_from(span).is_err() {
-        return None;
-    }
+    let (stride, j) = crate::vector::column_fits(len, stride, j, 16)?;
     // SAFETY: see the impl comment; integer arithmetic on registers only.
     Some(unsafe {
         let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(stride as i32));
-        _mm512_add_epi32(rows, _mm512_set1_epi32(j as i32))
+        let rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(stride));
+        _mm512_add_epi32(rows, _mm512_set1_epi32(j))
     })
 }
 
