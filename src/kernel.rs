@@ -596,6 +596,23 @@ fn narrow_span<V: Vector>(job: &Job<'_>, targets: &Targets<'_>) -> Option<NonZer
     }
 }
 
+/// Records the first `rows` results of a narrow group whose first row is `first`, if the group
+/// flagged none of its rows for the row kernel; `false`, recording nothing, if it did.
+fn record_unflagged(
+    results: &narrow::GroupResults,
+    rows: usize,
+    first: usize,
+    record: &mut impl FnMut(usize, RowResult),
+) -> bool {
+    if results.any_fallback() {
+        return false;
+    }
+    for (row, &result) in (first..).zip(results.rows.iter().take(rows)) {
+        record(row, result);
+    }
+    true
+}
+
 /// Lane `lane`'s result in a narrow group, unless it is flagged for the row kernel.
 fn lane_result(results: &narrow::GroupResults, lane: usize) -> Option<RowResult> {
     match (results.rows.get(lane), results.fallback.get(lane)) {
@@ -639,11 +656,7 @@ fn forward_batch<V: RowKernels>(
             first,
             &mut results,
         );
-        if !results.any_fallback() {
-            let count = rows.len() / k.get();
-            for (row, &result) in (first..).zip(results.rows.iter().take(count)) {
-                record(row, result);
-            }
+        if record_unflagged(&results, rows.len() / k.get(), first, record) {
             first += V::LANES;
             continue;
         }
@@ -724,11 +737,7 @@ fn narrow_fallback<V: RowKernels>(
     first: usize,
     record: &mut impl FnMut(usize, RowResult),
 ) {
-    let rows = io.src().len() / job.classes.get();
-    if !results.any_fallback() {
-        for (row, &result) in (first..).zip(results.rows.iter().take(rows)) {
-            record(row, result);
-        }
+    if record_unflagged(results, io.src().len() / job.classes.get(), first, record) {
         return;
     }
     for (lane, row_io) in io.rows(job.classes).enumerate() {
