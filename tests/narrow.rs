@@ -61,28 +61,35 @@ struct Options {
     row_scales: Option<Vec<f32>>,
 }
 
-/// The results of one call: loss, losses, gradient, lse, z-loss, correctness.
+/// The results of one call (the kernel's, or the reference's if `oracle`): loss, losses,
+/// gradient, lse, z-loss, correctness.
 type Results = (f32, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<bool>);
 
-fn run_with(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[i64], rows: &[f32]) -> Results {
-    let n = targets.len();
+/// `forward_backward_with` with every per-row extra (and `rows` as per-row upstream scales unless
+/// empty), on the kernel or, if `oracle`, on the reference; outputs start as NaN.
+fn run_with(
+    ce: &CrossEntropy<'_>,
+    logits: &[f32],
+    targets: Targets<'_>,
+    rows: &[f32],
+    oracle: bool,
+) -> Results {
+    let n = targets.rows(ce.classes()).unwrap_or(0);
     let mut losses = vec![f32::NAN; n];
     let mut grad = vec![f32::NAN; logits.len()];
     let (mut lse, mut z, mut correct) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![false; n]);
-    let summary = ce
-        .forward_backward_with(
-            logits,
-            Targets::from(targets),
-            &mut losses,
-            &mut grad,
-            Extras {
-                lse: Some(&mut lse),
-                z_loss: Some(&mut z),
-                correct: Some(&mut correct),
-                row_scales: (!rows.is_empty()).then_some(rows),
-            },
-        )
-        .unwrap_or_else(|e| panic!("{ce:?}: {e}"));
+    let extras = Extras {
+        lse: Some(&mut lse),
+        z_loss: Some(&mut z),
+        correct: Some(&mut correct),
+        row_scales: (!rows.is_empty()).then_some(rows),
+    };
+    let summary = if oracle {
+        reference::forward_backward_with(ce, logits, targets, &mut losses, &mut grad, extras)
+    } else {
+        ce.forward_backward_with(logits, targets, &mut losses, &mut grad, extras)
+    }
+    .unwrap_or_else(|e| panic!("{ce:?} (reference: {oracle}): {e}"));
     (summary.loss, losses, grad, lse, z, correct)
 }
 
@@ -153,40 +160,24 @@ fn check_options(k: usize, smoothing: Smoothing, opt: &Options, logits: &[f32], 
         base = base.target_weights(w);
     }
     let rows = opt.row_scales.as_deref().unwrap_or(&[]);
-    let mut want = (vec![0.0; n], vec![0.0; n * k], vec![0.0; n], vec![0.0; n]);
-    let mut want_correct = vec![false; n];
-    let want_total = reference::forward_backward_with(
-        &base,
-        logits,
-        Targets::from(targets),
-        &mut want.0,
-        &mut want.1,
-        Extras {
-            lse: Some(&mut want.2),
-            z_loss: Some(&mut want.3),
-            correct: Some(&mut want_correct),
-            row_scales: (!rows.is_empty()).then_some(rows),
-        },
-    )
-    .expect("reference");
+    let want = run_with(&base, logits, Targets::from(targets), rows, true);
     for backend in backends() {
         let ce = base.backend(backend);
         let ctx = format!("K = {k} {ce:?}");
-        let got = run_with(&ce, logits, targets, rows);
+        let got = run_with(&ce, logits, Targets::from(targets), rows, false);
         let tol = reference::LOSS_TOLERANCE * 4.0;
         assert!(
-            reference::agrees(got.0, f64::from(want_total.loss), tol)
-                || (got.0.is_nan() && want_total.loss.is_nan()),
+            reference::agrees(got.0, f64::from(want.0), tol) || (got.0.is_nan() && want.0.is_nan()),
             "{ctx}: total {} want {}",
             got.0,
-            want_total.loss
+            want.0
         );
-        assert_eq!(got.5, want_correct, "{ctx}: correct");
+        assert_eq!(got.5, want.5, "{ctx}: correct");
         for row in 0..n {
             for (what, g, w) in [
-                ("loss", got.1[row], want.0[row]),
-                ("lse", got.3[row], want.2[row]),
-                ("z", got.4[row], want.3[row]),
+                ("loss", got.1[row], want.1[row]),
+                ("lse", got.3[row], want.3[row]),
+                ("z", got.4[row], want.4[row]),
             ] {
                 assert!(
                     reference::agrees(g, f64::from(w), tol) || (g.is_nan() && w.is_nan()),
@@ -200,7 +191,7 @@ fn check_options(k: usize, smoothing: Smoothing, opt: &Options, logits: &[f32], 
                     .as_ref()
                     .map_or(1.0, |w| w.iter().fold(1.0_f64, |m, &v| m.max(v.into())));
             for j in row * k..(row + 1) * k {
-                let (g, w) = (got.2[j], want.1[j]);
+                let (g, w) = (got.2[j], want.2[j]);
                 assert!(
                     (g.is_nan() && w.is_nan())
                         || f64::from(g - w).abs() <= 2.0 * reference::GRAD_TOLERANCE * factor,
@@ -213,8 +204,9 @@ fn check_options(k: usize, smoothing: Smoothing, opt: &Options, logits: &[f32], 
             let alone = run_with(
                 &ce,
                 &logits[row * k..(row + 1) * k],
-                &targets[row..=row],
+                Targets::from(&targets[row..=row]),
                 &alone_scales,
+                false,
             );
             assert_eq!(
                 alone.1[0].to_bits(),
@@ -234,78 +226,36 @@ fn check_options(k: usize, smoothing: Smoothing, opt: &Options, logits: &[f32], 
 /// reference, relative to each value's magnitude (the inputs are extreme), and checks that the
 /// gradient rows of ignored rows are `+0.0` bit for bit.
 fn check_extreme(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) {
-    let n = targets.len();
-    let k = ce.classes();
-    let mut want_losses = vec![0.0; n];
-    let mut want_grad = vec![0.0; n * k];
-    let mut want_lse = vec![0.0; n];
-    let want = reference::forward_backward_with(
-        ce,
-        logits,
-        Targets::from(targets),
-        &mut want_losses,
-        &mut want_grad,
-        Extras {
-            lse: Some(&mut want_lse),
-            ..Extras::default()
-        },
-    )
-    .expect("reference");
+    let (n, k) = (targets.len(), ce.classes());
+    let want = run_with(ce, logits, Targets::from(targets), &[], true);
     let close = |g: f32, w: f32| {
         g.to_bits() == w.to_bits()
             || (f64::from(g) - f64::from(w)).abs() <= 1e-5 * f64::from(w.abs()).max(1.0)
     };
     for backend in backends() {
         let ce = ce.backend(backend);
-        let mut losses = vec![f32::NAN; n];
-        let mut grad = vec![f32::NAN; n * k];
-        let mut lse = vec![f32::NAN; n];
-        let got = ce
-            .forward_backward_with(
-                logits,
-                Targets::from(targets),
-                &mut losses,
-                &mut grad,
-                Extras {
-                    lse: Some(&mut lse),
-                    ..Extras::default()
-                },
-            )
-            .expect("valid");
+        let (total, losses, grad, lse, ..) =
+            run_with(&ce, logits, Targets::from(targets), &[], false);
         let ctx = format!("{ce:?}");
-        assert!(
-            close(got.loss, want.loss),
-            "{ctx}: total {} want {}",
-            got.loss,
-            want.loss
-        );
+        assert!(close(total, want.0), "{ctx}: total {total} want {}", want.0);
         for row in 0..n {
             assert!(
-                close(losses[row], want_losses[row]),
+                close(losses[row], want.1[row]),
                 "{ctx}: row {row} loss {} want {}",
                 losses[row],
-                want_losses[row]
+                want.1[row]
             );
             assert!(
-                close(lse[row], want_lse[row]),
+                close(lse[row], want.3[row]),
                 "{ctx}: row {row} lse {} want {}",
                 lse[row],
-                want_lse[row]
+                want.3[row]
             );
-            for j in row * k..(row + 1) * k {
-                assert!(
-                    close(grad[j], want_grad[j]),
-                    "{ctx}: row {row} grad {} want {}",
-                    grad[j],
-                    want_grad[j]
-                );
+            let span = row * k..(row + 1) * k;
+            for (&g, &w) in grad[span.clone()].iter().zip(&want.2[span]) {
+                assert!(close(g, w), "{ctx}: row {row} grad {g} want {w}");
                 if targets[row] == u32::MAX {
-                    assert_eq!(
-                        grad[j].to_bits(),
-                        0,
-                        "{ctx}: ignored row {row} grad {}",
-                        grad[j]
-                    );
+                    assert_eq!(g.to_bits(), 0, "{ctx}: ignored row {row} grad {g}");
                 }
             }
         }
