@@ -631,45 +631,63 @@ fn forward_batch<V: RowKernels>(
     logits: &[f32],
     record: &mut impl FnMut(usize, RowResult),
 ) {
-    let k = job.classes;
     let Some(span) = narrow_span::<V>(job, targets) else {
         forward_rows::<V>(job, targets, logits, 0, record);
         return;
     };
-    let mut pad = [0.0_f32; narrow::NARROW_MAX * narrow::MAX_LANES];
     let mut results = narrow::GroupResults::default();
+    let mut groups = logits.chunks_exact(span.get());
     let mut first = 0;
-    for rows in logits.chunks(span.get()) {
-        let group = match pad.get_mut(..span.get()) {
-            Some(pad) if rows.len() < span.get() => {
-                for (p, &z) in pad.iter_mut().zip(rows) {
-                    *p = z;
-                }
-                &*pad
-            }
-            _ => rows,
-        };
-        V::narrow_group(
-            job,
-            targets,
-            &mut narrow::Group::Forward(group),
-            first,
-            &mut results,
-        );
-        if record_unflagged(&results, rows.len() / k.get(), first, record) {
-            first += V::LANES;
-            continue;
-        }
-        for (lane, z) in split_rows(rows, k).enumerate() {
-            let row = first + lane;
-            let result = match (lane_result(&results, lane), job.row_target(targets, row)) {
-                (Some(result), _) => result,
-                (None, Some(target)) => forward_row::<V>(job, z, target),
-                (None, None) => RowResult::default(),
-            };
-            record(row, result);
-        }
+    for rows in groups.by_ref() {
+        forward_group::<V>(job, targets, rows, rows, first, &mut results, record);
         first += V::LANES;
+    }
+    // The last, partial group, through a buffer padded with ignored rows.
+    let rest = groups.remainder();
+    if rest.is_empty() {
+        return;
+    }
+    let mut pad = [0.0_f32; narrow::NARROW_MAX * narrow::MAX_LANES];
+    if let Some(pad) = pad.get_mut(..span.get()) {
+        for (p, &z) in pad.iter_mut().zip(rest) {
+            *p = z;
+        }
+        forward_group::<V>(job, targets, pad, rest, first, &mut results, record);
+    }
+}
+
+/// The losses of one narrow group, read from `group` (the rows `rows`, padded with ignored rows
+/// if they are fewer than `V::LANES`), the first being row `first`; the rows it flags through
+/// the row kernel.
+#[inline(always)]
+fn forward_group<V: RowKernels>(
+    job: &Job<'_>,
+    targets: &Targets<'_>,
+    group: &[f32],
+    rows: &[f32],
+    first: usize,
+    results: &mut narrow::GroupResults,
+    record: &mut impl FnMut(usize, RowResult),
+) {
+    let k = job.classes;
+    V::narrow_group(
+        job,
+        targets,
+        &mut narrow::Group::Forward(group),
+        first,
+        results,
+    );
+    if record_unflagged(results, rows.len() / k.get(), first, record) {
+        return;
+    }
+    for (lane, z) in split_rows(rows, k).enumerate() {
+        let row = first + lane;
+        let result = match (lane_result(results, lane), job.row_target(targets, row)) {
+            (Some(result), _) => result,
+            (None, Some(target)) => forward_row::<V>(job, z, target),
+            (None, None) => RowResult::default(),
+        };
+        record(row, result);
     }
 }
 
