@@ -72,6 +72,9 @@ const FAST: u8 = 0;
 const MASKED: u8 = 1;
 /// Anything else (`-inf` logits, wide ranges): pre-scaled sums, every masked lane selected away.
 const CAREFUL: u8 = 2;
+/// `MASKED`, reading the mask from its bits (see [`Job::class_bits`]): the disallowed lanes'
+/// exps are stored as they come, and the pass over the stored exps zeroes them by the bits.
+const MASKED_BITS: u8 = 3;
 
 /// The [`SumExp`] variant for a row (or block) with this transformed max and min (over its
 /// allowed lanes).
@@ -139,7 +142,18 @@ impl Transform {
     }
 }
 
+/// A class mask as bits, built by a backend for one call (see [`Job::class_bits`]).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct MaskBits<'a> {
+    /// Class `c` is bit `c % 16` of `words[c / 16]` (see [`Vector::allowed_bits`]).
+    pub words: &'a [u16],
+    /// The allowed classes among the whole vectors of a row, for the backend that built the bits
+    /// (its first `K - K % LANES` classes): the masked variant's count, taken once per call.
+    pub whole_allowed: u64,
+}
+
 /// One batch call, with every argument already checked.
+#[derive(Clone, Copy)]
 pub(crate) struct Job<'a> {
     /// `K`.
     pub classes: NonZeroUsize,
@@ -159,6 +173,10 @@ pub(crate) struct Job<'a> {
     pub weights: Weights<'a>,
     /// `true` for every allowed class, if a class mask is set.
     pub class_mask: Option<&'a [bool]>,
+    /// The same class mask as bits (see [`Vector::allowed_bits`]), when the backend built them
+    /// for this call (AVX-512, which reads an opmask straight from them): the row kernel's
+    /// masked variant then spends no instruction turning flags into a mask.
+    pub class_bits: Option<MaskBits<'a>>,
     /// Per-row upstream gradient scales (reduction `None`).
     pub row_scales: Option<&'a [f32]>,
     /// Whether per-row correctness is wanted (it costs a scan for soft targets).
@@ -840,7 +858,7 @@ pub(crate) fn piece_exps<V: RowKernels>(
     let transform = job.transform;
     let z = io.src();
     let target_logit = piece_target_logit(z, piece, target);
-    let mut mm = MaxMin::<V>::new(mask);
+    let mut mm = MaxMin::<V, false>::new(mask, &[]);
     fold(z, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
     let (m, tmin) = (
@@ -889,6 +907,7 @@ pub(crate) fn piece_gradient<V: RowKernels>(
         target_index,
         aux,
         mask,
+        bits: None,
     };
     // The stored exps are relative to the piece's max: rebased to the row's by one factor.
     let stored = own.map(|own| {
@@ -1196,19 +1215,24 @@ fn apply_mask<V: Vector>(mask: &[bool], offset: usize, z: V) -> V {
 }
 
 /// Max and min of a row of raw logits over the lanes the class mask allows.
-struct MaxMin<'m, V> {
+/// With `BITS`, whole vectors read the mask from its bits (see [`Job::class_bits`]), not its
+/// flags.
+struct MaxMin<'m, V, const BITS: bool> {
     max: [V; 4],
     min: [V; 4],
     mask: Option<&'m [bool]>,
+    /// The mask as bits (`BITS` only).
+    bits: &'m [u16],
 }
 
-impl<'m, V: Vector> MaxMin<'m, V> {
+impl<'m, V: Vector, const BITS: bool> MaxMin<'m, V, BITS> {
     #[inline(always)]
-    fn new(mask: Option<&'m [bool]>) -> Self {
+    fn new(mask: Option<&'m [bool]>, bits: &'m [u16]) -> Self {
         MaxMin {
             max: [V::splat(f32::NEG_INFINITY); 4],
             min: [V::splat(f32::INFINITY); 4],
             mask,
+            bits,
         }
     }
 
@@ -1224,22 +1248,21 @@ impl<'m, V: Vector> MaxMin<'m, V> {
     }
 }
 
-impl<V: Vector> Op<V> for MaxMin<'_, V> {
+impl<V: Vector, const BITS: bool> Op<V> for MaxMin<'_, V, BITS> {
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
-        let (max, min) = (self.max[slot].max(z), self.min[slot].min(z));
+        let (max, min) = (self.max[slot], self.min[slot]);
         // Over the allowed lanes only: a disallowed lane's NaN could otherwise hide an allowed
         // `-inf` from the min (which must send the row to the careful variant).
-        (self.max[slot], self.min[slot]) = match self.mask {
-            Some(mask) => {
-                let ok = V::allowed(mask.get(offset..).unwrap_or(&[]));
-                (
-                    V::select_where(ok, max, self.max[slot]),
-                    V::select_where(ok, min, self.min[slot]),
-                )
-            }
-            None => (max, min),
+        let ok = match self.mask {
+            Some(_) if BITS => Some(V::allowed_bits(self.bits, offset)),
+            Some(mask) => Some(V::allowed(mask.get(offset..).unwrap_or(&[]))),
+            None => None,
+        };
+        (self.max[slot], self.min[slot]) = match ok {
+            Some(ok) => (max.max_where(ok, z), min.min_where(ok, z)),
+            None => (max.max(z), min.min(z)),
         };
         z
     }
@@ -1254,6 +1277,13 @@ impl<V: Vector> Op<V> for MaxMin<'_, V> {
         self.max[3] = self.max[3].max(z);
         z
     }
+}
+
+/// Pass 1 over a row: its max and min over the allowed lanes, through `mm`.
+#[inline(always)]
+fn max_min<V: Vector, const BITS: bool>(z: &[f32], mut mm: MaxMin<'_, V, BITS>) -> (f32, f32) {
+    fold(z, f32::NEG_INFINITY, &mut mm);
+    mm.result()
 }
 
 /// The statistics of a row or a piece of a row in the transformed space, relative to its own
@@ -1354,6 +1384,9 @@ struct Lanes<'a, V: Vector> {
     aux: Option<AuxRow<'a, V>>,
     /// The class mask, if any.
     mask: Option<&'a [bool]>,
+    /// The class mask as bits (see [`Job::class_bits`]), for the `MASKED_BITS` variant; empty
+    /// otherwise.
+    bits: MaskBits<'a>,
 }
 
 impl<'a, V: Vector> Lanes<'a, V> {
@@ -1368,6 +1401,7 @@ impl<'a, V: Vector> Lanes<'a, V> {
                 .map(|c| (V::splat(c), V::splat(transform.scale / c))),
             aux: aux.map(AuxRow::new),
             mask,
+            bits: MaskBits::default(),
         }
     }
 
@@ -1458,6 +1492,12 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
             pending: 0,
             total: Stats {
                 max,
+                // The whole vectors' count, known from the bits; the tail counts its own.
+                allowed: if MODE == MASKED_BITS {
+                    lanes.bits.whole_allowed
+                } else {
+                    0
+                },
                 ..Stats::EMPTY
             },
             ahead: &[],
@@ -1487,19 +1527,27 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
     }
 
     /// The masked lane update: the fast one, with the lanes the class mask disallows selected
-    /// away (their `t - m` may be anything, even NaN: it is never summed) and stored as `-1`.
+    /// away (their `t - m` may be anything, even NaN: it is never summed) and stored as `-1`;
+    /// with `MASKED_BITS`, counted from the bits and stored as they come (the pass over the
+    /// stored exps zeroes them by the bits: [`Scale`]).
     #[inline(always)]
     fn masked(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
-        let mask = self.lanes.mask.and_then(|m| m.get(offset..)).unwrap_or(&[]);
-        let ok = V::allowed(mask);
+        let ok = if MODE == MASKED_BITS {
+            V::allowed_bits(self.lanes.bits.words, offset)
+        } else {
+            V::allowed(self.lanes.mask.and_then(|m| m.get(offset..)).unwrap_or(&[]))
+        };
         let t = self.lanes.shifted(z);
         let e = exp_nonpositive(t);
         // `select(ok, acc + x, acc)`: one merge-masked addition on AVX-512.
         let (sum, shifted) = (self.sum[slot], self.shifted[slot]);
         self.sum[slot] = V::select_where(ok, sum.add(e), sum);
         self.shifted[slot] = V::select_where(ok, shifted.add(t), shifted);
-        self.allowed = V::select_where(ok, self.allowed.add(V::splat(1.0)), self.allowed);
+        // `MASKED_BITS` took the count of the whole vectors from the bits (see [`SumExp::new`]).
+        if MODE != MASKED_BITS {
+            self.allowed = V::select_where(ok, self.allowed.add(V::splat(1.0)), self.allowed);
+        }
         if let Some(aux) = self.lanes.aux {
             let v = aux.at(offset);
             let (acc, sum) = (self.aux_shifted[slot], self.aux_sum[slot]);
@@ -1507,7 +1555,11 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
             self.aux_sum[slot] = V::select_where(ok, sum.add(v), sum);
             self.aux_masked = V::select_where(ok, self.aux_masked, self.aux_masked.add(v));
         }
-        V::select_where(ok, e, V::splat(-1.0))
+        if MODE == MASKED_BITS {
+            e
+        } else {
+            V::select_where(ok, e, V::splat(-1.0))
+        }
     }
 
     #[inline(always)]
@@ -1533,7 +1585,7 @@ impl<V: Vector, const MODE: u8> Op<V> for SumExp<'_, V, MODE> {
         }
         match MODE {
             CAREFUL => return self.careful(slot, offset, z),
-            MASKED => return self.masked(slot, offset, z),
+            MASKED | MASKED_BITS => return self.masked(slot, offset, z),
             _ => {}
         }
         let slot = slot & 3;
@@ -1596,14 +1648,18 @@ struct GradLanes<V> {
     c: V,
 }
 
-/// Pass 3 of the reload strategy, over the stored exps. The careful variant zeroes lanes holding
-/// the masked marker `-1`.
-struct Scale<'a, V: Vector, const CAREFUL: bool> {
+/// Pass 3 of the reload strategy, over the stored exps, in the mode of the [`SumExp`] variant
+/// that stored them: `FAST`, every lane an exp; `CAREFUL`, lanes holding the masked marker `-1`
+/// zeroed; `MASKED_BITS`, whole vectors' disallowed lanes zeroed by the mask's `bits` (the variant
+/// stored them as they came), the tail's marker as in `CAREFUL`.
+struct Scale<'a, V: Vector, const MODE: u8> {
     grad: GradLanes<V>,
     aux: Option<AuxRow<'a, V>>,
+    /// The class mask as bits (`MASKED_BITS` only).
+    bits: &'a [u16],
 }
 
-impl<V: Vector, const CAREFUL: bool> Scale<'_, V, CAREFUL> {
+impl<V: Vector, const MODE: u8> Scale<'_, V, MODE> {
     #[inline(always)]
     fn careful(&self, offset: usize, e: V) -> V {
         let zero = V::splat(0.0);
@@ -1620,13 +1676,16 @@ impl<V: Vector, const CAREFUL: bool> Scale<'_, V, CAREFUL> {
     }
 }
 
-impl<V: Vector, const CAREFUL: bool> Op<V> for Scale<'_, V, CAREFUL> {
+impl<V: Vector, const MODE: u8> Op<V> for Scale<'_, V, MODE> {
     #[inline(always)]
     fn apply(&mut self, _slot: usize, offset: usize, e: V) -> V {
-        if CAREFUL {
-            self.careful(offset, e)
-        } else {
-            self.plain(offset, e)
+        match MODE {
+            CAREFUL => self.careful(offset, e),
+            MASKED_BITS => {
+                let ok = V::allowed_bits(self.bits, offset);
+                V::select_where(ok, self.plain(offset, e), V::splat(0.0))
+            }
+            _ => self.plain(offset, e),
         }
     }
 
@@ -1740,7 +1799,7 @@ fn block_stats<V: Vector>(
     mask: Option<&[bool]>,
     ahead: &[f32],
 ) -> Stats {
-    let mut mm = MaxMin::<V>::new(mask);
+    let mut mm = MaxMin::<V, false>::new(mask, &[]);
     fold(z, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
     let (m, tmin) = (
@@ -2128,10 +2187,14 @@ pub(crate) fn gradient_row<V: RowKernels>(
     let (target_z, soft_correct) = target_inputs(job, target, z);
     let k = z.len();
     let reload = k <= V::RELOAD_MAX && transform.cap.is_none();
+    // Built only with a mask, for whole rows.
+    let bits = job.class_bits;
+    let mut masked_bits = None;
     let (stats, rest) = if reload {
-        let mut mm = MaxMin::<V>::new(mask);
-        fold(z, f32::NEG_INFINITY, &mut mm);
-        let (zmax, zmin) = mm.result();
+        let (zmax, zmin) = match bits {
+            Some(bits) => max_min(z, MaxMin::<V, true>::new(mask, bits.words)),
+            None => max_min(z, MaxMin::<V, false>::new(mask, &[])),
+        };
         let (m, tmin) = (
             transform_f32(transform, zmax),
             transform_f32(transform, zmin),
@@ -2144,7 +2207,14 @@ pub(crate) fn gradient_row<V: RowKernels>(
             let lanes = Lanes::new(m, transform, aux, mask);
             let stats = match sums_mode(m, tmin, mask) {
                 CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes),
-                MASKED => sums_map::<V, MASKED>(&mut io, m, lanes),
+                MASKED => match bits {
+                    Some(bits) => {
+                        masked_bits = Some(bits.words);
+                        let lanes = Lanes { bits, ..lanes };
+                        sums_map::<V, MASKED_BITS>(&mut io, m, lanes)
+                    }
+                    None => sums_map::<V, MASKED>(&mut io, m, lanes),
+                },
                 _ => sums_map::<V, FAST>(&mut io, m, lanes),
             };
             (stats, rest)
@@ -2160,6 +2230,7 @@ pub(crate) fn gradient_row<V: RowKernels>(
         },
         aux,
         mask,
+        bits: masked_bits,
     };
     write_gradient::<V>(
         job,
@@ -2184,6 +2255,9 @@ struct PieceInputs<'a> {
     aux: Option<&'a [f32]>,
     /// The class mask's slice for this piece.
     mask: Option<&'a [bool]>,
+    /// The class mask as bits, when the stored exps came from the masked variant reading them
+    /// (whole vectors' disallowed lanes then hold whatever their exp gave, not the marker).
+    bits: Option<&'a [u16]>,
 }
 
 /// The gradient of a (piece of a) row from the statistics of the whole row: the last pass over
@@ -2246,7 +2320,8 @@ fn write_gradient<V: Vector>(
         .zip(piece.target_index)
         .and_then(|(factor, local)| Some(f64::from(io.get_out(local)?) * factor));
     if stored_exps.is_some() {
-        scale_stored::<V>(io, grad, wide.then_some([a, b, c]), aux, masked);
+        let constants = wide.then_some([a, b, c]);
+        scale_stored::<V>(io, grad, constants, aux, masked, mask, piece.bits);
     } else {
         let lanes = Lanes::new(stats.max, transform, aux, mask);
         let careful = masked || mask.is_some();
@@ -2313,8 +2388,9 @@ fn write_gradient<V: Vector>(
 }
 
 /// Pass 3 of the reload strategy over the stored exps in `io`'s destination: in f64 when `wide`
-/// holds the constants (see [`beyond_f32`]), else vector by vector, zeroing the masked marker
-/// when some class is `masked`.
+/// holds the constants (see [`beyond_f32`]), else vector by vector, zeroing the disallowed
+/// lanes by the class mask's `bits` when the masked variant stored them with bits (see
+/// [`SumExp::masked`]), else the masked marker when some class is `masked`.
 #[inline(always)]
 fn scale_stored<V: Vector>(
     io: &mut Io<'_>,
@@ -2322,12 +2398,18 @@ fn scale_stored<V: Vector>(
     wide: Option<[f64; 3]>,
     aux: Option<&[f32]>,
     masked: bool,
+    mask: Option<&[bool]>,
+    bits: Option<&[u16]>,
 ) {
-    let row_aux = aux.map(AuxRow::new);
-    match wide {
-        Some(constants) => scale_exps_wide(io.out(), constants, aux),
-        None if masked => io.map_out(0.0, &mut Scale::<V, true> { grad, aux: row_aux }),
-        None => io.map_out(0.0, &mut Scale::<V, false> { grad, aux: row_aux }),
+    if let Some(constants) = wide {
+        scale_exps_wide(io.out(), constants, aux, mask);
+        return;
+    }
+    let (aux, bits) = (aux.map(AuxRow::new), bits.unwrap_or(&[]));
+    match (bits.is_empty(), masked) {
+        (false, _) => io.map_out(0.0, &mut Scale::<V, MASKED_BITS> { grad, aux, bits }),
+        (true, true) => io.map_out(0.0, &mut Scale::<V, CAREFUL> { grad, aux, bits }),
+        (true, false) => io.map_out(0.0, &mut Scale::<V, FAST> { grad, aux, bits }),
     }
 }
 
@@ -2340,12 +2422,18 @@ fn beyond_f32(constants: [f64; 3]) -> bool {
 }
 
 /// Pass 3 of the reload strategy in f64, element by element: `g = e a + b + c v`, 0 for the
-/// masked marker `e < 0`; for rows whose constants `a, b, c` overflow f32 (see
-/// [`write_gradient`]).
-fn scale_exps_wide(out: &mut [f32], [a, b, c]: [f64; 3], aux: Option<&[f32]>) {
+/// masked marker `e < 0` and for the classes `mask` disallows; for rows whose constants `a, b, c`
+/// overflow f32 (see [`write_gradient`]).
+fn scale_exps_wide(
+    out: &mut [f32],
+    [a, b, c]: [f64; 3],
+    aux: Option<&[f32]>,
+    mask: Option<&[bool]>,
+) {
     for (k, g) in out.iter_mut().enumerate() {
         let e = f64::from(*g);
-        *g = if e < 0.0 {
+        let allowed = mask.is_none_or(|m| m.get(k).copied().unwrap_or(false));
+        *g = if e < 0.0 || !allowed {
             0.0
         } else {
             let v = aux.and_then(|v| v.get(k)).map_or(0.0, |&v| f64::from(v));

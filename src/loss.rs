@@ -1337,6 +1337,7 @@ impl<'a> CrossEntropy<'a> {
                 z_loss: f64::from(self.z_loss),
                 weights,
                 class_mask: self.class_mask,
+                class_bits: None,
                 row_scales: extras.row_scales,
                 want_correct: extras.correct.is_some(),
             },

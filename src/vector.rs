@@ -86,8 +86,30 @@ pub(crate) trait Vector: Copy {
     /// True in the lanes whose flag in `allowed` (the next `LANES` class-mask flags; lanes past
     /// its end count as disallowed) is set.
     fn allowed(allowed: &[bool]) -> Self::Mask;
+    /// [`Vector::allowed`] from the class mask as bits (class `c` is bit `c % 16` of
+    /// `words[c / 16]`) for the `LANES` classes from `offset`, a multiple of
+    /// `LANES` (which divides 16); classes past the words count as disallowed.
+    #[inline(always)]
+    fn allowed_bits(words: &[u16], offset: usize) -> Self::Mask {
+        let word = words.get(offset / 16).copied().unwrap_or(0) >> (offset % 16);
+        let mut flags = [false; 16];
+        for (bit, flag) in flags.iter_mut().enumerate() {
+            *flag = (word >> bit) & 1 == 1;
+        }
+        Self::allowed(flags.get(..Self::LANES).unwrap_or(&flags))
+    }
     /// Per lane: `if m { t } else { f }`.
     fn select_where(m: Self::Mask, t: Self, f: Self) -> Self;
+    /// Per lane: `if m { self.max(b) } else { self }` (one merge-masked max on AVX-512).
+    #[inline(always)]
+    fn max_where(self, m: Self::Mask, b: Self) -> Self {
+        Self::select_where(m, self.max(b), self)
+    }
+    /// Per lane: `if m { self.min(b) } else { self }` (one merge-masked min on AVX-512).
+    #[inline(always)]
+    fn min_where(self, m: Self::Mask, b: Self) -> Self {
+        Self::select_where(m, self.min(b), self)
+    }
     /// The lanes as an array.
     fn to_array(self) -> Self::Array;
 
@@ -201,4 +223,32 @@ pub(crate) fn allowed_lanes<V: Vector>(allowed: &[bool]) -> V {
         *lane = if ok { 1.0 } else { 0.0 };
     }
     V::load(&flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Vector;
+    use crate::arch::portable::Portable;
+
+    /// `allowed_bits` (the default, which the portable and AVX2 backends keep) selects the same
+    /// lanes as `allowed` over the same mask, including past its end.
+    #[test]
+    fn mask_bits_select_the_lanes_the_flags_select() {
+        let flags: [bool; 40] = core::array::from_fn(|c| c % 3 != 1 && c % 7 != 2);
+        let mut words = [0_u16; 3];
+        for (c, _) in flags.iter().enumerate().filter(|(_, &ok)| ok) {
+            words[c / 16] |= 1 << (c % 16);
+        }
+        let (t, f) = (Portable::splat(1.0), Portable::splat(0.0));
+        for offset in (0..48).step_by(Portable::LANES) {
+            let rest = flags.get(offset..).unwrap_or(&[]);
+            let from_bits = Portable::allowed_bits(&words, offset);
+            let from_flags = Portable::allowed(rest);
+            assert_eq!(
+                Portable::select_where(from_bits, t, f).to_array(),
+                Portable::select_where(from_flags, t, f).to_array(),
+                "classes from {offset}"
+            );
+        }
+    }
 }

@@ -8,6 +8,9 @@
     clippy::too_many_lines
 )]
 
+mod common;
+
+use common::Rng;
 use proptest::prelude::*;
 use smoothce::{reference, Backend, CrossEntropy, Extras, Reduction, Smoothing, Targets};
 
@@ -349,5 +352,160 @@ proptest! {
     #[test]
     fn every_option_matches_the_reference(c in case()) {
         check(&c)?;
+    }
+}
+
+/// Rows with a class mask whose disallowed classes hold what the masked variant must never sum
+/// or let through (logits above every allowed one, NaN, `+inf`, `-inf`), in whole vectors and in
+/// the tail, for row widths inside and beyond the widest mask the AVX-512 backend turns into bits
+/// (32768 classes): every entry point of every backend against the reference.
+#[test]
+fn masked_classes_never_leak_into_the_rows() {
+    let mut rng = Rng::new(0x3a5c_0001);
+    let poison = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, 80.0];
+    for k in [3_usize, 16, 40, 1000, 32768, 32769] {
+        let n = if k > 1000 { 2 } else { 5 };
+        let mask: Vec<bool> = (0..k).map(|_| rng.below(5) != 0).collect();
+        let mut logits = common::random_batch(&mut rng, n, k, 0.0, 10.0);
+        for (j, z) in logits.iter_mut().enumerate() {
+            if !mask[j % k] {
+                *z = poison[rng.below(poison.len())];
+            }
+        }
+        let targets: Vec<u32> = (0..n)
+            .map(|_| loop {
+                let t = rng.below(k);
+                if mask[t] {
+                    break t as u32;
+                }
+            })
+            .collect();
+        for smoothing in common::smoothings(0.2, k) {
+            let ce = CrossEntropy::new(k)
+                .smoothing(smoothing)
+                .class_mask(&mask)
+                .reduction(Reduction::Sum);
+            check_masked(&ce, &mask, &logits, &targets);
+        }
+    }
+}
+
+/// Every entry point of every backend against the reference: losses, total and gradient within
+/// the crate's tolerances, masked classes' gradient exactly zero, in place bit-identical to out
+/// of place.
+fn check_masked(ce: &CrossEntropy<'_>, mask: &[bool], logits: &[f32], targets: &[u32]) {
+    let (n, k) = (targets.len(), ce.classes());
+    let mut want_losses = vec![0.0_f32; n];
+    let mut want = vec![0.0_f32; n * k];
+    let want_total = reference::forward_backward(ce, logits, targets, &mut want_losses, &mut want)
+        .expect("valid arguments");
+    for backend in common::backends() {
+        let ce = ce.backend(backend);
+        let ctx = format!("K = {k}, {backend:?}");
+        let (mut losses, mut grad) = (vec![f32::NAN; n], vec![f32::NAN; n * k]);
+        let total = ce
+            .forward_backward(logits, targets, &mut losses, &mut grad)
+            .expect("valid arguments");
+        let tol = reference::LOSS_TOLERANCE;
+        assert!(
+            reference::agrees(total, f64::from(want_total), tol),
+            "{ctx}: total {total} want {want_total}"
+        );
+        for (row, (&l, &w)) in losses.iter().zip(&want_losses).enumerate() {
+            assert!(
+                reference::agrees(l, f64::from(w), tol),
+                "{ctx}: row {row} loss {l} want {w}"
+            );
+        }
+        for (j, (&g, &w)) in grad.iter().zip(&want).enumerate() {
+            let (row, c) = (j / k, j % k);
+            if mask[c] {
+                assert!(
+                    reference::agrees(g, f64::from(w), reference::GRAD_TOLERANCE),
+                    "{ctx}: row {row} class {c} gradient {g} want {w}"
+                );
+            } else {
+                assert_eq!(
+                    g.to_bits(),
+                    0,
+                    "{ctx}: row {row} masked class {c} gradient {g}"
+                );
+            }
+        }
+        let mut forward = vec![f32::NAN; n];
+        let forward_total = ce
+            .forward(logits, targets, &mut forward)
+            .expect("valid arguments");
+        assert!(
+            reference::agrees(forward_total, f64::from(want_total), tol),
+            "{ctx}: forward total {forward_total} want {want_total}"
+        );
+        let mut in_place = logits.to_vec();
+        let mut in_place_losses = vec![f32::NAN; n];
+        ce.forward_backward_in_place(&mut in_place, targets, &mut in_place_losses)
+            .expect("valid arguments");
+        assert!(
+            common::bits(&in_place) == common::bits(&grad)
+                && common::bits(&in_place_losses) == common::bits(&losses),
+            "{ctx}: in place differs from out of place"
+        );
+    }
+}
+
+/// A masked row whose gradient constants overflow f32 (a logit scale of 1e9 and an upstream
+/// gradient of 1e30; the target dominates, so every gradient element stays finite): the stored
+/// exps are scaled in f64, and the disallowed classes, whose logits lie above the target's, still
+/// get a gradient of exactly zero.
+#[test]
+fn masked_rows_with_overflowing_constants_match_the_reference() {
+    let mut rng = Rng::new(0x3a5c_0002);
+    for k in [40_usize, 1000] {
+        let mask: Vec<bool> = (0..k).map(|c| c % 3 != 1).collect();
+        let target = 3_u32;
+        let logits: Vec<f32> = (0..k)
+            .map(|c| match c {
+                3 => 0.0,
+                _ if !mask[c] => 0.5 + rng.unit() as f32,
+                _ => -0.5 - rng.unit() as f32,
+            })
+            .collect();
+        let ce = CrossEntropy::new(k)
+            .smoothing(Smoothing::Uniform(0.1))
+            .class_mask(&mask)
+            .logit_scale(1e9)
+            .upstream(1e30)
+            .reduction(Reduction::Sum);
+        let mut want_losses = [0.0_f32];
+        let mut want = vec![0.0_f32; k];
+        reference::forward_backward(&ce, &logits, &[target], &mut want_losses, &mut want)
+            .expect("valid arguments");
+        assert!(
+            want.iter().all(|g| g.is_finite()),
+            "the case must stay finite"
+        );
+        for backend in common::backends() {
+            let ce = ce.backend(backend);
+            let mut losses = [f32::NAN];
+            let mut grad = vec![f32::NAN; k];
+            ce.forward_backward(&logits, &[target], &mut losses, &mut grad)
+                .expect("valid arguments");
+            assert!(
+                reference::agrees(losses[0], f64::from(want_losses[0]), 1e-5),
+                "{ce:?}: loss {} want {}",
+                losses[0],
+                want_losses[0]
+            );
+            for (c, (&g, &w)) in grad.iter().zip(&want).enumerate() {
+                if mask[c] {
+                    let tol = 1e-5 * f64::from(w.abs()).max(1.0);
+                    assert!(
+                        (f64::from(g) - f64::from(w)).abs() <= tol,
+                        "{ce:?}: class {c} gradient {g} want {w}"
+                    );
+                } else {
+                    assert_eq!(g.to_bits(), 0, "{ce:?}: masked class {c} gradient {g}");
+                }
+            }
+        }
     }
 }

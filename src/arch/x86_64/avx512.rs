@@ -5,15 +5,15 @@ use core::arch::x86_64::{
     _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512, _mm512_castsi512_ps,
     _mm512_cmp_ps_mask, _mm512_cvtepu8_epi32, _mm512_cvtps_pd, _mm512_div_ps,
     _mm512_extractf64x4_pd, _mm512_fmadd_ps, _mm512_i32gather_ps, _mm512_loadu_ps,
-    _mm512_mask_blend_ps, _mm512_mask_i32scatter_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps,
-    _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_reduce_add_pd,
-    _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_set1_epi32, _mm512_set1_ps,
-    _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_stream_ps, _mm512_sub_ps,
-    _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _CMP_EQ_OQ, _CMP_NEQ_OQ,
-    _CMP_NLT_UQ, _MM_HINT_T0,
+    _mm512_mask_blend_ps, _mm512_mask_i32scatter_ps, _mm512_mask_loadu_ps, _mm512_mask_max_ps,
+    _mm512_mask_min_ps, _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
+    _mm512_mullo_epi32, _mm512_reduce_add_pd, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
+    _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps,
+    _mm512_stream_ps, _mm512_sub_ps, _mm512_test_epi32_mask, _mm_loadu_si128, _mm_prefetch,
+    _mm_sfence, _CMP_EQ_OQ, _CMP_NEQ_OQ, _CMP_NLT_UQ, _MM_HINT_T0,
 };
 
-use crate::kernel::{self, Buffers, Job, Outputs, Totals};
+use crate::kernel::{self, Buffers, Job, MaskBits, Outputs, Totals};
 use crate::vector::Vector;
 use crate::Targets;
 
@@ -118,6 +118,21 @@ impl Vector for Avx512 {
             let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(flags.as_ptr().cast()));
             _mm512_test_epi32_mask(bytes, bytes)
         }
+    }
+    #[inline(always)]
+    fn max_where(self, m: __mmask16, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_mask_max_ps(self.0, m, self.0, b.0) })
+    }
+    #[inline(always)]
+    fn min_where(self, m: __mmask16, b: Self) -> Self {
+        // SAFETY: see the impl comment.
+        Avx512(unsafe { _mm512_mask_min_ps(self.0, m, self.0, b.0) })
+    }
+    #[inline(always)]
+    fn allowed_bits(words: &[u16], offset: usize) -> __mmask16 {
+        // `offset` is a multiple of 16: one word is the whole opmask.
+        words.get(offset / 16).copied().unwrap_or(0)
     }
     #[inline(always)]
     fn select_where(m: __mmask16, t: Self, f: Self) -> Self {
@@ -263,5 +278,36 @@ pub(super) unsafe fn run(
     buffers: Buffers<'_>,
     outputs: Outputs<'_>,
 ) -> Totals {
-    kernel::run::<Avx512>(job, targets, buffers, outputs)
+    // The class mask as bits, one opmask per 16 classes, built once per call: a 4 KiB stack
+    // buffer, reserved only with a mask, and only here (the x86 hosts that run this backend have
+    // the stack for it; microcontrollers never reach it).
+    let mut words;
+    let job = match job.class_mask {
+        Some(mask) if mask.len() <= MASK_BITS_CLASSES => {
+            words = [0_u16; MASK_BITS_CLASSES / 16];
+            let whole = mask.len() - mask.len() % 16;
+            let class_bits = mask_words(mask, &mut words).map(|words| MaskBits {
+                words,
+                whole_allowed: mask.iter().take(whole).filter(|&&ok| ok).count() as u64,
+            });
+            Job { class_bits, ..*job }
+        }
+        _ => *job,
+    };
+    kernel::run::<Avx512>(&job, targets, buffers, outputs)
+}
+
+/// The widest rows whose class mask [`run`] turns into bits.
+const MASK_BITS_CLASSES: usize = 1 << 15;
+
+/// Writes the class mask `allowed` into `words` as bits, sixteen flags at a time through
+/// [`Vector::allowed`] (class `c` is bit `c % 16` of `words[c / 16]`; bits past the mask are
+/// clear), and returns the words written, or `None` if `words` is too short.
+#[inline(always)]
+fn mask_words<'w>(allowed: &[bool], words: &'w mut [u16]) -> Option<&'w [u16]> {
+    let words = words.get_mut(..allowed.len().div_ceil(16))?;
+    for (word, flags) in words.iter_mut().zip(allowed.chunks(16)) {
+        *word = Avx512::allowed(flags);
+    }
+    Some(words)
 }
