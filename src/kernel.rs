@@ -39,7 +39,7 @@ use crate::narrow;
 use crate::shard::{Piece, RowState};
 use crate::tanh::tanh;
 use crate::targets::Targets;
-use crate::vector::Vector;
+use crate::vector::{MaskWords, Vector};
 use crate::Smoothing;
 
 /// Elements whose partial sums stay in f32 vector accumulators before they are flushed into f64.
@@ -143,10 +143,10 @@ impl Transform {
 }
 
 /// A class mask as bits, built by a backend for one call (see [`Job::class_bits`]).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub(crate) struct MaskBits<'a> {
-    /// Class `c` is bit `c % 16` of `words[c / 16]` (see [`Vector::allowed_bits`]).
-    pub words: &'a [u16],
+    /// The bits (see [`Vector::allowed_bits`]).
+    pub words: &'a MaskWords,
     /// The allowed classes among the whole vectors of a row, for the backend that built the bits
     /// (its first `K - K % LANES` classes): the masked variant's count, taken once per call.
     pub whole_allowed: u64,
@@ -858,7 +858,7 @@ pub(crate) fn piece_exps<V: RowKernels>(
     let transform = job.transform;
     let z = io.src();
     let target_logit = piece_target_logit(z, piece, target);
-    let mut mm = MaxMin::<V, false>::new(mask, &[]);
+    let mut mm = MaxMin::<V, false>::new(mask, None);
     fold(z, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
     let (m, tmin) = (
@@ -1222,12 +1222,12 @@ struct MaxMin<'m, V, const BITS: bool> {
     min: [V; 4],
     mask: Option<&'m [bool]>,
     /// The mask as bits (`BITS` only).
-    bits: &'m [u16],
+    bits: Option<&'m MaskWords>,
 }
 
 impl<'m, V: Vector, const BITS: bool> MaxMin<'m, V, BITS> {
     #[inline(always)]
-    fn new(mask: Option<&'m [bool]>, bits: &'m [u16]) -> Self {
+    fn new(mask: Option<&'m [bool]>, bits: Option<&'m MaskWords>) -> Self {
         MaxMin {
             max: [V::splat(f32::NEG_INFINITY); 4],
             min: [V::splat(f32::INFINITY); 4],
@@ -1255,10 +1255,10 @@ impl<V: Vector, const BITS: bool> Op<V> for MaxMin<'_, V, BITS> {
         let (max, min) = (self.max[slot], self.min[slot]);
         // Over the allowed lanes only: a disallowed lane's NaN could otherwise hide an allowed
         // `-inf` from the min (which must send the row to the careful variant).
-        let ok = match self.mask {
-            Some(_) if BITS => Some(V::allowed_bits(self.bits, offset)),
-            Some(mask) => Some(V::allowed(mask.get(offset..).unwrap_or(&[]))),
-            None => None,
+        let ok = match (self.mask, self.bits) {
+            (Some(_), Some(words)) if BITS => Some(V::allowed_bits(words, offset)),
+            (Some(mask), _) => Some(V::allowed(mask.get(offset..).unwrap_or(&[]))),
+            (None, _) => None,
         };
         (self.max[slot], self.min[slot]) = match ok {
             Some(ok) => (max.max_where(ok, z), min.min_where(ok, z)),
@@ -1386,7 +1386,7 @@ struct Lanes<'a, V: Vector> {
     mask: Option<&'a [bool]>,
     /// The class mask as bits (see [`Job::class_bits`]), for the `MASKED_BITS` variant; empty
     /// otherwise.
-    bits: MaskBits<'a>,
+    bits: Option<MaskBits<'a>>,
 }
 
 impl<'a, V: Vector> Lanes<'a, V> {
@@ -1401,7 +1401,7 @@ impl<'a, V: Vector> Lanes<'a, V> {
                 .map(|c| (V::splat(c), V::splat(transform.scale / c))),
             aux: aux.map(AuxRow::new),
             mask,
-            bits: MaskBits::default(),
+            bits: None,
         }
     }
 
@@ -1493,10 +1493,9 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
             total: Stats {
                 max,
                 // The whole vectors' count, known from the bits; the tail counts its own.
-                allowed: if MODE == MASKED_BITS {
-                    lanes.bits.whole_allowed
-                } else {
-                    0
+                allowed: match lanes.bits {
+                    Some(bits) if MODE == MASKED_BITS => bits.whole_allowed,
+                    _ => 0,
                 },
                 ..Stats::EMPTY
             },
@@ -1533,10 +1532,9 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
     #[inline(always)]
     fn masked(&mut self, slot: usize, offset: usize, z: V) -> V {
         let slot = slot & 3;
-        let ok = if MODE == MASKED_BITS {
-            V::allowed_bits(self.lanes.bits.words, offset)
-        } else {
-            V::allowed(self.lanes.mask.and_then(|m| m.get(offset..)).unwrap_or(&[]))
+        let ok = match self.lanes.bits {
+            Some(bits) if MODE == MASKED_BITS => V::allowed_bits(bits.words, offset),
+            _ => V::allowed(self.lanes.mask.and_then(|m| m.get(offset..)).unwrap_or(&[])),
         };
         let t = self.lanes.shifted(z);
         let e = exp_nonpositive(t);
@@ -1656,7 +1654,7 @@ struct Scale<'a, V: Vector, const MODE: u8> {
     grad: GradLanes<V>,
     aux: Option<AuxRow<'a, V>>,
     /// The class mask as bits (`MASKED_BITS` only).
-    bits: &'a [u16],
+    bits: Option<&'a MaskWords>,
 }
 
 impl<V: Vector, const MODE: u8> Scale<'_, V, MODE> {
@@ -1681,10 +1679,13 @@ impl<V: Vector, const MODE: u8> Op<V> for Scale<'_, V, MODE> {
     fn apply(&mut self, _slot: usize, offset: usize, e: V) -> V {
         match MODE {
             CAREFUL => self.careful(offset, e),
-            MASKED_BITS => {
-                let ok = V::allowed_bits(self.bits, offset);
-                V::select_where(ok, self.plain(offset, e), V::splat(0.0))
-            }
+            MASKED_BITS => match self.bits {
+                Some(words) => {
+                    let ok = V::allowed_bits(words, offset);
+                    V::select_where(ok, self.plain(offset, e), V::splat(0.0))
+                }
+                None => self.careful(offset, e),
+            },
             _ => self.plain(offset, e),
         }
     }
@@ -1799,7 +1800,7 @@ fn block_stats<V: Vector>(
     mask: Option<&[bool]>,
     ahead: &[f32],
 ) -> Stats {
-    let mut mm = MaxMin::<V, false>::new(mask, &[]);
+    let mut mm = MaxMin::<V, false>::new(mask, None);
     fold(z, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
     let (m, tmin) = (
@@ -2192,8 +2193,8 @@ pub(crate) fn gradient_row<V: RowKernels>(
     let mut masked_bits = None;
     let (stats, rest) = if reload {
         let (zmax, zmin) = match bits {
-            Some(bits) => max_min(z, MaxMin::<V, true>::new(mask, bits.words)),
-            None => max_min(z, MaxMin::<V, false>::new(mask, &[])),
+            Some(bits) => max_min(z, MaxMin::<V, true>::new(mask, Some(bits.words))),
+            None => max_min(z, MaxMin::<V, false>::new(mask, None)),
         };
         let (m, tmin) = (
             transform_f32(transform, zmax),
@@ -2210,7 +2211,10 @@ pub(crate) fn gradient_row<V: RowKernels>(
                 MASKED => match bits {
                     Some(bits) => {
                         masked_bits = Some(bits.words);
-                        let lanes = Lanes { bits, ..lanes };
+                        let lanes = Lanes {
+                            bits: Some(bits),
+                            ..lanes
+                        };
                         sums_map::<V, MASKED_BITS>(&mut io, m, lanes)
                     }
                     None => sums_map::<V, MASKED>(&mut io, m, lanes),
@@ -2257,7 +2261,7 @@ struct PieceInputs<'a> {
     mask: Option<&'a [bool]>,
     /// The class mask as bits, when the stored exps came from the masked variant reading them
     /// (whole vectors' disallowed lanes then hold whatever their exp gave, not the marker).
-    bits: Option<&'a [u16]>,
+    bits: Option<&'a MaskWords>,
 }
 
 /// The gradient of a (piece of a) row from the statistics of the whole row: the last pass over
@@ -2399,17 +2403,17 @@ fn scale_stored<V: Vector>(
     aux: Option<&[f32]>,
     masked: bool,
     mask: Option<&[bool]>,
-    bits: Option<&[u16]>,
+    bits: Option<&MaskWords>,
 ) {
     if let Some(constants) = wide {
         scale_exps_wide(io.out(), constants, aux, mask);
         return;
     }
-    let (aux, bits) = (aux.map(AuxRow::new), bits.unwrap_or(&[]));
-    match (bits.is_empty(), masked) {
-        (false, _) => io.map_out(0.0, &mut Scale::<V, MASKED_BITS> { grad, aux, bits }),
-        (true, true) => io.map_out(0.0, &mut Scale::<V, CAREFUL> { grad, aux, bits }),
-        (true, false) => io.map_out(0.0, &mut Scale::<V, FAST> { grad, aux, bits }),
+    let aux = aux.map(AuxRow::new);
+    match (bits, masked) {
+        (Some(_), _) => io.map_out(0.0, &mut Scale::<V, MASKED_BITS> { grad, aux, bits }),
+        (None, true) => io.map_out(0.0, &mut Scale::<V, CAREFUL> { grad, aux, bits }),
+        (None, false) => io.map_out(0.0, &mut Scale::<V, FAST> { grad, aux, bits }),
     }
 }
 

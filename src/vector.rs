@@ -86,12 +86,11 @@ pub(crate) trait Vector: Copy {
     /// True in the lanes whose flag in `allowed` (the next `LANES` class-mask flags; lanes past
     /// its end count as disallowed) is set.
     fn allowed(allowed: &[bool]) -> Self::Mask;
-    /// [`Vector::allowed`] from the class mask as bits (class `c` is bit `c % 16` of
-    /// `words[c / 16]`) for the `LANES` classes from `offset`, a multiple of
-    /// `LANES` (which divides 16); classes past the words count as disallowed.
+    /// [`Vector::allowed`] from the class mask as bits (see [`MaskWords`]) for the `LANES`
+    /// classes from `offset`, a multiple of `LANES` (which divides 16) below [`MASK_CLASSES`].
     #[inline(always)]
-    fn allowed_bits(words: &[u16], offset: usize) -> Self::Mask {
-        let word = words.get(offset / 16).copied().unwrap_or(0) >> (offset % 16);
+    fn allowed_bits(words: &MaskWords, offset: usize) -> Self::Mask {
+        let word = mask_word(words, offset) >> (offset % 16);
         let mut flags = [false; 16];
         for (bit, flag) in flags.iter_mut().enumerate() {
             *flag = (word >> bit) & 1 == 1;
@@ -214,6 +213,21 @@ pub(crate) fn scatter_column_lanes<V: Vector>(
     }
 }
 
+/// The widest class mask a backend may turn into bits ([`MaskWords`]).
+pub(crate) const MASK_CLASSES: usize = 1 << 15;
+
+/// A class mask as bits: class `c` is bit `c % 16` of word `c / 16`, the bits past the mask
+/// clear. A fixed size, so that reading a word needs no bounds check in the loops (see
+/// [`mask_word`]).
+pub(crate) type MaskWords = [u16; MASK_CLASSES / 16];
+
+/// The word of `words` that holds class `offset` (below [`MASK_CLASSES`]: the wrap-around that
+/// proves the read in bounds never happens).
+#[inline(always)]
+pub(crate) fn mask_word(words: &MaskWords, offset: usize) -> u16 {
+    words.get((offset / 16) % words.len()).copied().unwrap_or(0)
+}
+
 /// The class-mask flags of the next `V::LANES` classes as 1.0 (allowed) or 0.0 lanes (0.0 past
 /// the end of `allowed`).
 #[inline(always)]
@@ -227,7 +241,7 @@ pub(crate) fn allowed_lanes<V: Vector>(allowed: &[bool]) -> V {
 
 #[cfg(test)]
 mod tests {
-    use super::Vector;
+    use super::{MaskWords, Vector, MASK_CLASSES};
     use crate::arch::portable::Portable;
 
     /// `allowed_bits` (the default, which the portable and AVX2 backends keep) selects the same
@@ -235,7 +249,7 @@ mod tests {
     #[test]
     fn mask_bits_select_the_lanes_the_flags_select() {
         let flags: [bool; 40] = core::array::from_fn(|c| c % 3 != 1 && c % 7 != 2);
-        let mut words = [0_u16; 3];
+        let mut words: MaskWords = [0; MASK_CLASSES / 16];
         for (c, _) in flags.iter().enumerate().filter(|(_, &ok)| ok) {
             words[c / 16] |= 1 << (c % 16);
         }

@@ -14,7 +14,7 @@ use core::arch::x86_64::{
 };
 
 use crate::kernel::{self, Buffers, Job, MaskBits, Outputs, Totals};
-use crate::vector::Vector;
+use crate::vector::{mask_word, MaskWords, Vector, MASK_CLASSES};
 use crate::Targets;
 
 /// Sixteen f32 lanes in a `zmm` register.
@@ -130,9 +130,9 @@ impl Vector for Avx512 {
         Avx512(unsafe { _mm512_mask_min_ps(self.0, m, self.0, b.0) })
     }
     #[inline(always)]
-    fn allowed_bits(words: &[u16], offset: usize) -> __mmask16 {
+    fn allowed_bits(words: &MaskWords, offset: usize) -> __mmask16 {
         // `offset` is a multiple of 16: one word is the whole opmask.
-        words.get(offset / 16).copied().unwrap_or(0)
+        mask_word(words, offset)
     }
     #[inline(always)]
     fn select_where(m: __mmask16, t: Self, f: Self) -> Self {
@@ -283,11 +283,14 @@ pub(super) unsafe fn run(
     // the stack for it; microcontrollers never reach it).
     let mut words;
     let job = match job.class_mask {
-        Some(mask) if mask.len() <= MASK_BITS_CLASSES => {
-            words = [0_u16; MASK_BITS_CLASSES / 16];
+        Some(mask) if mask.len() <= MASK_CLASSES => {
+            words = [0_u16; MASK_CLASSES / 16];
+            for (word, flags) in words.iter_mut().zip(mask.chunks(16)) {
+                *word = Avx512::allowed(flags);
+            }
             let whole = mask.len() - mask.len() % 16;
-            let class_bits = mask_words(mask, &mut words).map(|words| MaskBits {
-                words,
+            let class_bits = Some(MaskBits {
+                words: &words,
                 whole_allowed: mask.iter().take(whole).filter(|&&ok| ok).count() as u64,
             });
             Job { class_bits, ..*job }
@@ -295,19 +298,4 @@ pub(super) unsafe fn run(
         _ => *job,
     };
     kernel::run::<Avx512>(&job, targets, buffers, outputs)
-}
-
-/// The widest rows whose class mask [`run`] turns into bits.
-const MASK_BITS_CLASSES: usize = 1 << 15;
-
-/// Writes the class mask `allowed` into `words` as bits, sixteen flags at a time through
-/// [`Vector::allowed`] (class `c` is bit `c % 16` of `words[c / 16]`; bits past the mask are
-/// clear), and returns the words written, or `None` if `words` is too short.
-#[inline(always)]
-fn mask_words<'w>(allowed: &[bool], words: &'w mut [u16]) -> Option<&'w [u16]> {
-    let words = words.get_mut(..allowed.len().div_ceil(16))?;
-    for (word, flags) in words.iter_mut().zip(allowed.chunks(16)) {
-        *word = Avx512::allowed(flags);
-    }
-    Some(words)
 }
