@@ -46,8 +46,11 @@
 //!   losses add up), a tile being as many rows as keep its logits and exps within 1 MiB (4 rows of
 //!   32000, 1 of 128256): the order a caller streaming chunks on one device can choose, which
 //!   keeps the exps in L2 until the backward step reads them.
+//! - `fb/pieces8_exps_tiled_in_place`: `fb/pieces8_exps_tiled` with
+//!   `piece_states_and_exps_in_place`, refilled like `fb/pieces8_in_place`; a tile holds only the
+//!   logits (their exps overwrite them), so it is twice as many rows (8 of 32000, 2 of 128256).
 //! - `fb/unsplit_in_place`: `forward_backward_in_place`, refilled the same way: the yardstick of
-//!   the two in-place split calls.
+//!   the three in-place split calls.
 //!
 //! Inputs follow `kernels.rs`: logits normal with standard deviation 3 from a seeded SplitMix64
 //! (the same values as its groups of the same shape), `Smoothing::Uniform(0.1)`,
@@ -677,21 +680,22 @@ fn pieces(c: &mut Criterion) {
     }
 }
 
-/// Rows per tile of `fb/pieces8_exps_tiled`: as many as keep a tile's logits and exps (8 bytes
-/// per class) within 1 MiB, half this machine's L2, so that the exps are still cached when the
-/// tile's backward step reads them.
-fn tile_rows(classes: usize) -> usize {
-    ((1 << 20) / (8 * classes)).max(1)
+/// Rows per tile of `fb/pieces8_exps_tiled`: as many as keep a tile's buffers (`bytes` per class:
+/// 8 for logits and exps, 4 in place) within 1 MiB, half this machine's L2, so that the exps are
+/// still cached when the tile's backward step reads them.
+fn tile_rows(classes: usize, bytes: usize) -> usize {
+    ((1 << 20) / (bytes * classes)).max(1)
 }
 
 /// The one-exp path over tiles of `tile` rows, as a caller that streams chunks on one device can
-/// order it: for each tile, every piece's states and exps (into its block of `grad`), the merge,
-/// the losses and every piece's gradient. `ce` has `mean_denominator(N)`, so the tiles' `Mean`
-/// losses add up to the batch's. Returns the batch's loss.
+/// order it: for each tile, every piece's states and exps (into its block of `grad`, from
+/// `logits`, or in place from `grad` itself when `logits` is `None`), the merge, the losses and
+/// every piece's gradient. `ce` has `mean_denominator(N)`, so the tiles' `Mean` losses add up to
+/// the batch's. Returns the batch's loss.
 fn tiled_exps(
     split: &mut Split,
     ce: &CrossEntropy,
-    logits: &[f32],
+    logits: Option<&[f32]>,
     targets: &[u32],
     grad: &mut [f32],
     tile: usize,
@@ -706,14 +710,17 @@ fn tiled_exps(
             start + r0 * piece.width..start + r1 * piece.width
         };
         for (&piece, states) in split.pieces.iter().zip(&mut split.states) {
-            let range = sub(piece);
-            ce.piece_states_and_exps(
-                &logits[range.clone()],
-                piece,
-                t,
-                &mut states[r0..r1],
-                &mut grad[range],
-            )?;
+            let (range, states) = (sub(piece), &mut states[r0..r1]);
+            match logits {
+                Some(logits) => ce.piece_states_and_exps(
+                    &logits[range.clone()],
+                    piece,
+                    t,
+                    states,
+                    &mut grad[range],
+                )?,
+                None => ce.piece_states_and_exps_in_place(&mut grad[range], piece, t, states)?,
+            }
         }
         for row in r0..r1 {
             split.merged[row] = split
@@ -856,36 +863,7 @@ fn split_exp_benches(
     });
 
     if count == PIECES {
-        let tile = tile_rows(classes);
-        let ce = ce.mean_denominator(targets.len() as f32);
-        let loss = tiled_exps(split, &ce, split_logits, targets, &mut split_grad, tile)
-            .expect("valid arguments");
-        check_split(
-            split,
-            classes,
-            loss,
-            &split_grad,
-            unsplit_loss,
-            unsplit_grad,
-        );
-        group.bench_function(
-            BenchmarkId::new("fb", format!("pieces{count}_exps_tiled")),
-            |b| {
-                b.iter(|| {
-                    let loss = tiled_exps(
-                        split,
-                        &ce,
-                        black_box(split_logits),
-                        targets,
-                        &mut split_grad,
-                        tile,
-                    )
-                    .expect("valid arguments");
-                    black_box(split_grad.as_mut_slice());
-                    black_box(loss)
-                });
-            },
-        );
+        tiled_benches(group, ce, split, split_logits, targets, unsplit);
     }
 
     if count == PIECES {
@@ -912,6 +890,71 @@ fn split_exp_benches(
             },
         );
     }
+}
+
+/// The tiled one-exp benchmarks (`fb/pieces8_exps_tiled`, out of place and in place).
+fn tiled_benches(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    ce: &CrossEntropy,
+    split: &mut Split,
+    split_logits: &[f32],
+    targets: &[u32],
+    unsplit: Unsplit<'_>,
+) {
+    let (unsplit_loss, unsplit_grad) = unsplit;
+    let classes = ce.classes();
+    let count = split.pieces.len();
+    let mut split_grad = split_logits.to_vec();
+    let tile = tile_rows(classes, 8);
+    let ce = ce.mean_denominator(targets.len() as f32);
+    let loss = tiled_exps(
+        split,
+        &ce,
+        Some(split_logits),
+        targets,
+        &mut split_grad,
+        tile,
+    )
+    .expect("valid arguments");
+    check_split(
+        split,
+        classes,
+        loss,
+        &split_grad,
+        unsplit_loss,
+        unsplit_grad,
+    );
+    group.bench_function(
+        BenchmarkId::new("fb", format!("pieces{count}_exps_tiled")),
+        |b| {
+            b.iter(|| {
+                let loss = tiled_exps(
+                    split,
+                    &ce,
+                    Some(black_box(split_logits)),
+                    targets,
+                    &mut split_grad,
+                    tile,
+                )
+                .expect("valid arguments");
+                black_box(split_grad.as_mut_slice());
+                black_box(loss)
+            });
+        },
+    );
+
+    let tile = tile_rows(classes, 4);
+    let mut work = split_logits.to_vec();
+    let loss = tiled_exps(split, &ce, None, targets, &mut work, tile).expect("valid arguments");
+    check_split(split, classes, loss, &work, unsplit_loss, unsplit_grad);
+    group.bench_function(
+        BenchmarkId::new("fb", format!("pieces{count}_exps_tiled_in_place")),
+        |b| {
+            refilled(b, &mut work, split_logits, |z| {
+                tiled_exps(split, &ce, None, targets, z, tile).expect("valid arguments")
+            });
+        },
+    );
 }
 
 criterion_group! {
