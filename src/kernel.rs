@@ -30,7 +30,11 @@
 //! `2^-41` so they cannot overflow, and pass 2 stores `-1` (impossible for an exp) for masked
 //! lanes so pass 3 can zero them. Rows with a class mask and neither take the *masked* variant:
 //! the fast one, with the disallowed lanes left out of each sum by a select on the mask (an
-//! opmask on AVX-512) and stored as `-1` too.
+//! opmask on AVX-512) and stored as `-1` too. On AVX-512, for rows of up to [`MASK_CLASSES`]
+//! classes, the backend turns the mask into bits once per call ([`Job::class_bits`]): each pass
+//! then reads a vector's opmask as one 16-bit word instead of converting 16 flags, the count of
+//! allowed classes is taken once per call, and pass 2 stores the disallowed lanes' exps as they
+//! come, for pass 3 to zero by the same bits.
 
 use core::num::NonZeroUsize;
 
@@ -39,6 +43,8 @@ use crate::narrow;
 use crate::shard::{Piece, RowState};
 use crate::tanh::tanh;
 use crate::targets::Targets;
+#[cfg(doc)]
+use crate::vector::MASK_CLASSES;
 use crate::vector::{MaskWords, Vector};
 use crate::Smoothing;
 

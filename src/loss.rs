@@ -473,6 +473,9 @@ impl<'a> CrossEntropy<'a> {
     /// NaN does not matter). A logit of `-inf` masks its class for its row the same way.
     /// `allowed.len()` must be `K` and allow at least one class ([`Error::MaskLength`],
     /// [`Error::MaskAllowsNoClass`]); a target that is not allowed makes its row's loss `+inf`.
+    /// On AVX-512, each call turns the mask into bits once (a 4 KiB stack buffer, for `K` up to
+    /// 32768) that the passes over every row read; its cost over an unmasked call is measured in
+    /// `BENCHMARKS.md`.
     ///
     /// ```
     /// use smoothce::{CrossEntropy, Smoothing};
