@@ -388,9 +388,9 @@ fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buff
         } => match NonZeroUsize::new(piece.width) {
             None => states.fill(RowState::EMPTY),
             Some(width) => {
-                for (row, (z, state)) in split_rows(logits, width).zip(states).enumerate() {
+                for (row, ((z, next), state)) in split_rows(logits, width).zip(states).enumerate() {
                     *state = match job.row_target(&targets, row) {
-                        Some(target) => piece_state::<V>(job, z, piece, target),
+                        Some(target) => piece_state::<V>(job, z, next, piece, target),
                         None => RowState::EMPTY,
                     };
                 }
@@ -430,7 +430,13 @@ fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buff
 /// compile time without making anything faster (a call per row costs nanoseconds).
 pub(crate) trait RowKernels: Vector {
     /// [`stats_inline`] for this backend.
-    fn stats(z: &[f32], transform: Transform, aux: Option<&[f32]>, mask: Option<&[bool]>) -> Stats;
+    fn stats(
+        z: &[f32],
+        next: &[f32],
+        transform: Transform,
+        aux: Option<&[f32]>,
+        mask: Option<&[bool]>,
+    ) -> Stats;
     /// [`narrow::narrow_group`] for this backend.
     fn narrow_group(
         job: &Job<'_>,
@@ -569,12 +575,12 @@ impl<'a> Iterator for Rows<'a> {
 }
 
 /// The rows of `logits`, `width` elements each (a last partial row is left out).
-fn split_rows(logits: &[f32], width: NonZeroUsize) -> impl Iterator<Item = &[f32]> {
+fn split_rows(logits: &[f32], width: NonZeroUsize) -> impl Iterator<Item = (&[f32], &[f32])> {
     let mut rest = logits;
     core::iter::from_fn(move || {
         let (row, tail) = rest.split_at_checked(width.get())?;
         rest = tail;
-        Some(row)
+        Some((row, tail))
     })
 }
 
@@ -602,9 +608,9 @@ fn forward_rows<V: RowKernels>(
     first: usize,
     record: &mut impl FnMut(usize, RowResult),
 ) {
-    for (row, z) in (first..).zip(split_rows(logits, job.classes)) {
+    for (row, (z, next)) in (first..).zip(split_rows(logits, job.classes)) {
         let result = match job.row_target(targets, row) {
-            Some(target) => forward_row::<V>(job, z, target),
+            Some(target) => forward_row::<V>(job, z, next, target),
             None => RowResult::default(),
         };
         record(row, result);
@@ -704,11 +710,11 @@ fn forward_group<V: RowKernels>(
     if record_unflagged(results, rows.len() / k.get(), first, record) {
         return;
     }
-    for (lane, z) in split_rows(rows, k).enumerate() {
+    for (lane, (z, next)) in split_rows(rows, k).enumerate() {
         let row = first + lane;
         let result = match (lane_result(results, lane), job.row_target(targets, row)) {
             (Some(result), _) => result,
-            (None, Some(target)) => forward_row::<V>(job, z, target),
+            (None, Some(target)) => forward_row::<V>(job, z, next, target),
             (None, None) => RowResult::default(),
         };
         record(row, result);
@@ -836,12 +842,13 @@ fn piece_target_logit(z: &[f32], piece: Piece, target: RowTarget<'_>) -> Option<
 fn piece_state<V: RowKernels>(
     job: &Job<'_>,
     z: &[f32],
+    next: &[f32],
     piece: Piece,
     target: RowTarget<'_>,
 ) -> RowState {
     let (aux, mask) = piece_inputs(job, piece, target);
     RowState {
-        stats: V::stats(z, job.transform, aux, mask),
+        stats: V::stats(z, next, job.transform, aux, mask),
         target_logit: piece_target_logit(z, piece, target),
     }
 }
@@ -1839,10 +1846,13 @@ fn sums_fold<'a, V: Vector, const MODE: u8>(
 
 /// The statistics of a row or piece, block by block: each block is read from memory once (its
 /// second pass hits L1, and prefetches the next block meanwhile, so that the memory is not idle
-/// while the exps are computed), and the blocks merge exactly.
+/// while the exps are computed), and the blocks merge exactly. The last block prefetches the
+/// start of `next`, what the caller reads after this row (the next row or piece-row; empty if
+/// none), so that short rows, a single block each, stream as well as long ones.
 #[inline(always)]
 pub(crate) fn stats_inline<V: Vector>(
     z: &[f32],
+    next: &[f32],
     transform: Transform,
     aux: Option<&[f32]>,
     mask: Option<&[bool]>,
@@ -1852,7 +1862,10 @@ pub(crate) fn stats_inline<V: Vector>(
         let start = i * BLOCK;
         let sub_aux = aux.map(|a| a.get(start..).unwrap_or(&[]));
         let sub_mask = mask.map(|m| m.get(start..).unwrap_or(&[]));
-        let ahead = z.get(start + BLOCK..).unwrap_or(&[]);
+        let ahead = match z.get(start + BLOCK..) {
+            Some(rest) if !rest.is_empty() => rest,
+            _ => next,
+        };
         total = total.merge(block_stats::<V>(block, transform, sub_aux, sub_mask, ahead));
     }
     total
@@ -2089,8 +2102,13 @@ fn aux_row<'a>(job: &Job<'a>, target: RowTarget<'a>) -> Option<&'a [f32]> {
 
 /// Loss of one row, no gradient.
 #[inline(always)]
-fn forward_row<V: RowKernels>(job: &Job<'_>, z: &[f32], target: RowTarget<'_>) -> RowResult {
-    let stats = V::stats(z, job.transform, aux_row(job, target), job.class_mask);
+fn forward_row<V: RowKernels>(
+    job: &Job<'_>,
+    z: &[f32],
+    next: &[f32],
+    target: RowTarget<'_>,
+) -> RowResult {
+    let stats = V::stats(z, next, job.transform, aux_row(job, target), job.class_mask);
     let (target_z, soft) = target_inputs(job, target, z);
     let rest = exact_rest(job, z, target, stats.max);
     row_result(job, &stats, target, target_z, soft, rest)
@@ -2230,7 +2248,7 @@ pub(crate) fn gradient_row<V: RowKernels>(
             (stats, rest)
         }
     } else {
-        let stats = V::stats(z, transform, aux, mask);
+        let stats = V::stats(z, &[], transform, aux, mask);
         (stats, exact_rest(job, z, target, stats.max))
     };
     let piece = PieceInputs {

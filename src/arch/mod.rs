@@ -35,8 +35,8 @@ macro_rules! row_kernels {
         // these functions are only reached from there.
         impl $crate::kernel::RowKernels for $v {
             row_kernels!(@fn ($($features)?) stats = $crate::kernel::stats_inline::<$v>,
-                (z: &[f32], transform: $crate::kernel::Transform, aux: Option<&[f32]>,
-                 mask: Option<&[bool]>) -> $crate::kernel::Stats);
+                (z: &[f32], next: &[f32], transform: $crate::kernel::Transform,
+                 aux: Option<&[f32]>, mask: Option<&[bool]>) -> $crate::kernel::Stats);
             row_kernels!(@fn ($($features)?) narrow_group = $crate::narrow::narrow_group::<$v>,
                 (job: &$crate::kernel::Job<'_>, targets: &$crate::Targets<'_>,
                  group: &mut $crate::narrow::Group<'_>, first_row: usize,
