@@ -575,8 +575,7 @@ fn check_split(
     classes: usize,
     split_loss: f32,
     split_grad: &[f32],
-    loss: f32,
-    grad: &[f32],
+    (loss, grad): Unsplit<'_>,
 ) {
     let rows = split.losses.len();
     assert!(
@@ -751,7 +750,6 @@ fn split_benches(
     count: usize,
     unsplit: Unsplit<'_>,
 ) {
-    let (unsplit_loss, unsplit_grad) = unsplit;
     let rows = targets.len();
     let classes = ce.classes();
     let mut split = Split::new(rows, classes, count);
@@ -763,14 +761,7 @@ fn split_benches(
     split
         .backward(ce, &split_logits, targets, &mut split_grad)
         .expect("valid arguments");
-    check_split(
-        &split,
-        classes,
-        loss,
-        &split_grad,
-        unsplit_loss,
-        unsplit_grad,
-    );
+    check_split(&split, classes, loss, &split_grad, unsplit);
     group.bench_function(BenchmarkId::new("fb", format!("pieces{count}")), |b| {
         b.iter(|| {
             let logits = black_box(split_logits.as_slice());
@@ -802,7 +793,7 @@ fn split_benches(
         split
             .backward_in_place(ce, &mut work, targets)
             .expect("valid arguments");
-        check_split(&split, classes, loss, &work, unsplit_loss, unsplit_grad);
+        check_split(&split, classes, loss, &work, unsplit);
         group.bench_function(
             BenchmarkId::new("fb", format!("pieces{count}_in_place")),
             |b| {
@@ -828,7 +819,6 @@ fn split_exp_benches(
     count: usize,
     unsplit: Unsplit<'_>,
 ) {
-    let (unsplit_loss, unsplit_grad) = unsplit;
     let classes = ce.classes();
     let mut split_grad = split_logits.to_vec();
     // The one-exp path: exps stored in the gradient blocks, then rescaled.
@@ -839,14 +829,7 @@ fn split_exp_benches(
     split
         .backward_exps(ce, &mut split_grad, targets)
         .expect("valid arguments");
-    check_split(
-        split,
-        classes,
-        loss,
-        &split_grad,
-        unsplit_loss,
-        unsplit_grad,
-    );
+    check_split(split, classes, loss, &split_grad, unsplit);
     group.bench_function(BenchmarkId::new("fb", format!("pieces{count}_exps")), |b| {
         b.iter(|| {
             // Only read: `forward_exps` takes `&mut` for its in-place form.
@@ -874,7 +857,7 @@ fn split_exp_benches(
         split
             .backward_exps(ce, &mut work, targets)
             .expect("valid arguments");
-        check_split(split, classes, loss, &work, unsplit_loss, unsplit_grad);
+        check_split(split, classes, loss, &work, unsplit);
         group.bench_function(
             BenchmarkId::new("fb", format!("pieces{count}_exps_in_place")),
             |b| {
@@ -901,7 +884,6 @@ fn tiled_benches(
     targets: &[u32],
     unsplit: Unsplit<'_>,
 ) {
-    let (unsplit_loss, unsplit_grad) = unsplit;
     let classes = ce.classes();
     let count = split.pieces.len();
     let mut split_grad = split_logits.to_vec();
@@ -916,14 +898,7 @@ fn tiled_benches(
         tile,
     )
     .expect("valid arguments");
-    check_split(
-        split,
-        classes,
-        loss,
-        &split_grad,
-        unsplit_loss,
-        unsplit_grad,
-    );
+    check_split(split, classes, loss, &split_grad, unsplit);
     group.bench_function(
         BenchmarkId::new("fb", format!("pieces{count}_exps_tiled")),
         |b| {
@@ -946,7 +921,7 @@ fn tiled_benches(
     let tile = tile_rows(classes, 4);
     let mut work = split_logits.to_vec();
     let loss = tiled_exps(split, &ce, None, targets, &mut work, tile).expect("valid arguments");
-    check_split(split, classes, loss, &work, unsplit_loss, unsplit_grad);
+    check_split(split, classes, loss, &work, unsplit);
     group.bench_function(
         BenchmarkId::new("fb", format!("pieces{count}_exps_tiled_in_place")),
         |b| {
