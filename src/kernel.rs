@@ -2214,8 +2214,9 @@ pub(crate) fn gradient_row<V: RowKernels>(
     let reload = k <= V::RELOAD_MAX && transform.cap.is_none();
     // Built only with a mask, for whole rows.
     let bits = job.class_bits;
-    let mut masked_bits = None;
-    let (stats, rest) = if reload {
+    // `stored_bits`: the mask's bits when the sums stored the disallowed lanes' exps unmasked
+    // (`MASKED_BITS`), for pass 3 to zero them by.
+    let (stats, rest, stored_bits) = if reload {
         let (zmax, zmin) = match bits {
             Some(bits) => max_min(z, MaxMin::<V, true>::new(mask, Some(bits.words))),
             None => max_min(z, MaxMin::<V, false>::new(mask, None)),
@@ -2225,31 +2226,29 @@ pub(crate) fn gradient_row<V: RowKernels>(
             transform_f32(transform, zmin),
         );
         if let Some(stats) = degenerate(zmax, m, z, mask, aux) {
-            (stats, None)
+            (stats, None, None)
         } else {
             // Before the pass that may overwrite the logits with exps.
             let rest = exact_rest(job, z, target, m);
             let lanes = Lanes::new(m, transform, aux, mask);
-            let stats = match sums_mode(m, tmin, mask) {
-                CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes),
-                MASKED => match bits {
-                    Some(bits) => {
-                        masked_bits = Some(bits.words);
-                        let lanes = Lanes {
-                            bits: Some(bits),
-                            ..lanes
-                        };
-                        sums_map::<V, MASKED_BITS>(&mut io, m, lanes)
-                    }
-                    None => sums_map::<V, MASKED>(&mut io, m, lanes),
-                },
-                _ => sums_map::<V, FAST>(&mut io, m, lanes),
+            let (stats, stored_bits) = match (sums_mode(m, tmin, mask), bits) {
+                (CAREFUL, _) => (sums_map::<V, CAREFUL>(&mut io, m, lanes), None),
+                (MASKED, Some(bits)) => {
+                    let lanes = Lanes {
+                        bits: Some(bits),
+                        ..lanes
+                    };
+                    let stats = sums_map::<V, MASKED_BITS>(&mut io, m, lanes);
+                    (stats, Some(bits.words))
+                }
+                (MASKED, None) => (sums_map::<V, MASKED>(&mut io, m, lanes), None),
+                _ => (sums_map::<V, FAST>(&mut io, m, lanes), None),
             };
-            (stats, rest)
+            (stats, rest, stored_bits)
         }
     } else {
         let stats = V::stats(z, &[], transform, aux, mask);
-        (stats, exact_rest(job, z, target, stats.max))
+        (stats, exact_rest(job, z, target, stats.max), None)
     };
     let piece = PieceInputs {
         target_index: match target {
@@ -2258,7 +2257,7 @@ pub(crate) fn gradient_row<V: RowKernels>(
         },
         aux,
         mask,
-        bits: masked_bits,
+        bits: stored_bits,
     };
     write_gradient::<V>(
         job,
