@@ -2026,7 +2026,7 @@ fn finish_row(
     };
     let coefficients = Coefficients::new(job, stats, target, target_allowed);
     // One log per row, shared by the loss and the log-sum-exp.
-    let log_sum = libm::log(stats.sum_exp);
+    let log_sum = crate::ln::ln(stats.sum_exp);
     let lse = f64::from(stats.max) + log_sum;
     let z_loss = if job.z_loss > 0.0 {
         job.z_loss * lse * lse

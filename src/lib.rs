@@ -56,6 +56,7 @@ mod arch;
 mod error;
 mod exp;
 mod kernel;
+mod ln;
 mod loss;
 mod narrow;
 pub mod reference;

@@ -151,7 +151,7 @@ impl RowState {
         } else if self.stats.allowed == 0 {
             f64::NEG_INFINITY
         } else {
-            f64::from(self.stats.max) + libm::log(self.stats.sum_exp)
+            f64::from(self.stats.max) + crate::ln::ln(self.stats.sum_exp)
         }
     }
 
