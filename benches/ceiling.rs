@@ -40,10 +40,10 @@ const K: usize = 1000;
 mod bare {
     use core::arch::x86_64::{
         __m512, __mmask16, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps,
-        _mm512_cmp_ps_mask, _mm512_fmadd_ps, _mm512_mask_blend_ps, _mm512_mask_loadu_ps,
-        _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_ps,
-        _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_slli_epi32, _mm512_sub_ps, _CMP_LT_OQ,
+        _mm512_cmp_ps_mask, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_ps,
+        _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
+        _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_set1_ps,
+        _mm512_setzero_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_sub_ps, _CMP_LT_OQ,
     };
 
     /// The crate's exp (`src/exp.rs`): magic-bias rounding, two-part `ln 2`, degree-5 polynomial,
@@ -89,15 +89,15 @@ mod bare {
         const TAIL: usize = super::K % 32;
         let mut total = 0.0;
         for (row, out) in z.chunks_exact(super::K).zip(g.chunks_exact_mut(super::K)) {
-            let (p, q) = (row.as_ptr().cast::<__m512>(), out.as_mut_ptr().cast::<__m512>());
+            let (p, q) = (row.as_ptr(), out.as_mut_ptr());
             // The last 1 to 31 elements: a full vector if there are 16, then a masked one.
             let (full, part) = (TAIL / 16, (1_u32 << (TAIL % 16)) as u16 - 1);
             // SAFETY: every vector access is within the row: `PAIRS` pairs of full vectors, then
             // `full` more, then a masked access to the remaining `TAIL % 16` lanes only.
             unsafe {
                 let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-                let at = |i: usize| core::ptr::read_unaligned(p.add(i));
-                let last = _mm512_mask_loadu_ps(ninf, part, p.add(2 * PAIRS + full).cast());
+                let at = |i: usize| _mm512_loadu_ps(p.add(16 * i));
+                let last = _mm512_mask_loadu_ps(ninf, part, p.add(16 * (2 * PAIRS + full)));
                 let (mut hi0, mut hi1, mut lo0, mut lo1) = (ninf, last, ninf, ninf);
                 lo0 = _mm512_sub_ps(_mm512_setzero_ps(), lo0);
                 lo1 = _mm512_sub_ps(_mm512_setzero_ps(), lo1);
@@ -123,27 +123,27 @@ mod bare {
                     t0 = _mm512_add_ps(t0, a);
                     t1 = _mm512_add_ps(t1, b);
                     if STORE {
-                        core::ptr::write_unaligned(q.add(2 * i), ea);
-                        core::ptr::write_unaligned(q.add(2 * i + 1), eb);
+                        _mm512_storeu_ps(q.add(32 * i), ea);
+                        _mm512_storeu_ps(q.add(32 * i + 16), eb);
                     }
                 }
                 for i in 2 * PAIRS..2 * PAIRS + full {
                     let e = exp(_mm512_sub_ps(at(i), m));
                     s0 = _mm512_add_ps(s0, e);
                     if STORE {
-                        core::ptr::write_unaligned(q.add(i), e);
+                        _mm512_storeu_ps(q.add(16 * i), e);
                     }
                 }
                 let e = exp(_mm512_sub_ps(last, m));
                 let s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), e));
                 total += s + _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
                 if STORE {
-                    let end = q.add(2 * PAIRS + full).cast::<f32>();
+                    let end = q.add(16 * (2 * PAIRS + full));
                     _mm512_mask_storeu_ps(end, part, e);
                     let (a, b) = (_mm512_set1_ps(1.0 / s), _mm512_set1_ps(-1e-4));
                     for i in 0..2 * PAIRS + full {
-                        let g = _mm512_fmadd_ps(core::ptr::read_unaligned(q.add(i)), a, b);
-                        core::ptr::write_unaligned(q.add(i), g);
+                        let g = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(16 * i)), a, b);
+                        _mm512_storeu_ps(q.add(16 * i), g);
                     }
                     let tail = _mm512_mask_loadu_ps(zero, part, end);
                     _mm512_mask_storeu_ps(end, part, _mm512_fmadd_ps(tail, a, b));
@@ -157,7 +157,9 @@ mod bare {
 fn ceiling(c: &mut Criterion) {
     // The data of `benches/kernels.rs`: normal logits of standard deviation 3.
     let mut rng = SplitMix64(0x5EED_0000 ^ (N * K) as u64);
-    let logits: Vec<f32> = (0..N * K).map(|_| (3.0 * rng.normal_pair().0) as f32).collect();
+    let logits: Vec<f32> = (0..N * K)
+        .map(|_| (3.0 * rng.normal_pair().0) as f32)
+        .collect();
     let targets: Vec<u32> = (0..N).map(|_| rng.below(K)).collect();
     let mut out = vec![0.0_f32; N * K];
     let mut losses = vec![0.0_f32; N];
