@@ -98,9 +98,8 @@ mod bare {
                 let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
                 let at = |i: usize| _mm512_loadu_ps(p.add(16 * i));
                 let last = _mm512_mask_loadu_ps(ninf, part, p.add(16 * (2 * PAIRS + full)));
-                let (mut hi0, mut hi1, mut lo0, mut lo1) = (ninf, last, ninf, ninf);
-                lo0 = _mm512_sub_ps(_mm512_setzero_ps(), lo0);
-                lo1 = _mm512_sub_ps(_mm512_setzero_ps(), lo1);
+                let inf = _mm512_set1_ps(f32::INFINITY);
+                let (mut hi0, mut hi1, mut lo0, mut lo1) = (ninf, last, inf, inf);
                 for i in 0..PAIRS {
                     let (a, b) = (at(2 * i), at(2 * i + 1));
                     hi0 = _mm512_max_ps(hi0, a);
