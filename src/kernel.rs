@@ -36,6 +36,7 @@
 //! allowed classes is taken once per call, and pass 2 stores the disallowed lanes' exps as they
 //! come, for pass 3 to zero by the same bits.
 
+use core::marker::PhantomData;
 use core::num::NonZeroUsize;
 
 use crate::exp::exp_nonpositive;
@@ -872,7 +873,7 @@ pub(crate) fn piece_exps<V: RowKernels>(
     let z = io.src();
     let target_logit = piece_target_logit(z, piece, target);
     let mut mm = MaxMin::<V, false>::new(mask, None);
-    fold(z, f32::NEG_INFINITY, &mut mm);
+    fold(z, NoSide, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
     let (m, tmin) = (
         transform_f32(transform, zmax),
@@ -882,11 +883,11 @@ pub(crate) fn piece_exps<V: RowKernels>(
         io.fill(-1.0);
         stats
     } else {
-        let lanes = Lanes::new(m, transform, aux, mask);
+        let lanes = Lanes::new(m, transform, mask);
         match sums_mode(m, tmin, mask) {
-            CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes),
-            MASKED => sums_map::<V, MASKED>(&mut io, m, lanes),
-            _ => sums_map::<V, FAST>(&mut io, m, lanes),
+            CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes, aux),
+            MASKED => sums_map::<V, MASKED>(&mut io, m, lanes, aux),
+            _ => sums_map::<V, FAST>(&mut io, m, lanes, aux),
         }
     };
     RowState {
@@ -971,18 +972,24 @@ impl<'a> Io<'a> {
     /// Applies `op` to the source, storing into the destination (with non-temporal stores if
     /// `stream`).
     #[inline(always)]
-    fn map<V: Vector, O: Op<V>>(&mut self, tail_fill: f32, op: &mut O, stream: bool) {
+    fn map<V: Vector, O: Op<V>>(
+        &mut self,
+        side: O::Side,
+        tail_fill: f32,
+        op: &mut O,
+        stream: bool,
+    ) {
         match self {
-            Io::Separate(z, g) => map_into(z, g, tail_fill, op, stream),
-            Io::InPlace(z) => map_in_place(z, tail_fill, op, stream),
+            Io::Separate(z, g) => map_into(z, g, side, tail_fill, op, stream),
+            Io::InPlace(z) => map_in_place(z, side, tail_fill, op, stream),
         }
     }
 
     /// Applies `op` to the destination in place.
     #[inline(always)]
-    fn map_out<V: Vector, O: Op<V>>(&mut self, tail_fill: f32, op: &mut O) {
+    fn map_out<V: Vector, O: Op<V>>(&mut self, side: O::Side, tail_fill: f32, op: &mut O) {
         // One call site: each inlined copy of a loop costs compile time.
-        map_in_place(self.out(), tail_fill, op, false);
+        map_in_place(self.out(), side, tail_fill, op, false);
     }
 
     /// The destination.
@@ -1025,13 +1032,16 @@ impl<'a> Io<'a> {
 
 /// A lane-wise operation over a row, with state (accumulators) of its own.
 pub(crate) trait Op<V: Vector> {
+    /// What the op reads beside the row: [`NoSide`], or the auxiliary row ([`AuxSide`]).
+    type Side: Side<V>;
     /// Processes the whole vector starting at element `offset` of the row, using accumulator
     /// `slot` (0..4); returns what to store.
-    fn apply(&mut self, slot: usize, offset: usize, z: V) -> V;
-    /// Processes the last, partial vector (padding lanes hold the tail fill value).
+    /// `v` is the [`Side`] row's vector at the same offset (zero without one).
+    fn apply(&mut self, slot: usize, offset: usize, z: V, v: V) -> V;
+    /// Processes the last, partial vector (padding lanes hold the tail fill value; `v`'s are 0).
     #[inline(always)]
-    fn apply_tail(&mut self, offset: usize, z: V) -> V {
-        self.apply(3, offset, z)
+    fn apply_tail(&mut self, offset: usize, z: V, v: V) -> V {
+        self.apply(3, offset, z, v)
     }
     /// Called after every [`BLOCK`] elements and at the end.
     #[inline(always)]
@@ -1040,25 +1050,27 @@ pub(crate) trait Op<V: Vector> {
 
 /// `op` over `src`, block by block, four vectors at a time, results ignored.
 #[inline(always)]
-fn fold<V: Vector, O: Op<V>>(src: &[f32], tail_fill: f32, op: &mut O) {
+fn fold<V: Vector, O: Op<V>>(src: &[f32], mut side: O::Side, tail_fill: f32, op: &mut O) {
     let mut offset = 0;
     for block in src.chunks(BLOCK) {
+        let s = side.take(block.len());
         let (arrays, tail) = V::split(block);
         let (quads, rest) = arrays.as_chunks::<4>();
-        for [a, b, c, d] in quads {
-            op.apply(0, offset, V::load(a));
-            op.apply(1, offset + V::LANES, V::load(b));
-            op.apply(2, offset + 2 * V::LANES, V::load(c));
-            op.apply(3, offset + 3 * V::LANES, V::load(d));
+        for (i, [a, b, c, d]) in quads.iter().enumerate() {
+            let [va, vb, vc, vd] = s.quad(i);
+            op.apply(0, offset, V::load(a), va);
+            op.apply(1, offset + V::LANES, V::load(b), vb);
+            op.apply(2, offset + 2 * V::LANES, V::load(c), vc);
+            op.apply(3, offset + 3 * V::LANES, V::load(d), vd);
             offset += 4 * V::LANES;
         }
         // A constant slot: a run-time index would force the accumulators out of registers.
-        for a in rest {
-            op.apply(0, offset, V::load(a));
+        for (j, a) in rest.iter().enumerate() {
+            op.apply(0, offset, V::load(a), s.single(j));
             offset += V::LANES;
         }
         if !tail.is_empty() {
-            op.apply_tail(offset, V::load_tail(tail, tail_fill));
+            op.apply_tail(offset, V::load_tail(tail, tail_fill), s.tail());
             offset += tail.len();
         }
         op.end_block();
@@ -1097,6 +1109,7 @@ fn put<V: Vector>(v: V, a: &mut V::Array, stream: bool) {
 fn map_into<V: Vector, O: Op<V>>(
     src: &[f32],
     dst: &mut [f32],
+    mut side: O::Side,
     tail_fill: f32,
     op: &mut O,
     stream: bool,
@@ -1108,7 +1121,8 @@ fn map_into<V: Vector, O: Op<V>>(
         return;
     };
     if !src_head.is_empty() {
-        op.apply_tail(0, V::load_tail(src_head, tail_fill))
+        let v = side.take(head).tail();
+        op.apply_tail(0, V::load_tail(src_head, tail_fill), v)
             .store_tail(dst_head);
     }
     let mut offset = head;
@@ -1126,23 +1140,33 @@ fn map_into<V: Vector, O: Op<V>>(
             break;
         }
         (src, dst) = (src_rest, dst_rest);
+        let s = side.take(n);
         let (arrays, tail) = V::split(block);
         let (out_arrays, out_tail) = V::split_mut(out);
         let (quads, rest) = arrays.as_chunks::<4>();
         let (out_quads, out_rest) = out_arrays.as_chunks_mut::<4>();
-        for ([a, b, c, d], [oa, ob, oc, od]) in quads.iter().zip(out_quads) {
-            put(op.apply(0, offset, V::load(a)), oa, stream);
-            put(op.apply(1, offset + V::LANES, V::load(b)), ob, stream);
-            put(op.apply(2, offset + 2 * V::LANES, V::load(c)), oc, stream);
-            put(op.apply(3, offset + 3 * V::LANES, V::load(d)), od, stream);
+        for (i, ([a, b, c, d], [oa, ob, oc, od])) in quads.iter().zip(out_quads).enumerate() {
+            let [va, vb, vc, vd] = s.quad(i);
+            put(op.apply(0, offset, V::load(a), va), oa, stream);
+            put(op.apply(1, offset + V::LANES, V::load(b), vb), ob, stream);
+            put(
+                op.apply(2, offset + 2 * V::LANES, V::load(c), vc),
+                oc,
+                stream,
+            );
+            put(
+                op.apply(3, offset + 3 * V::LANES, V::load(d), vd),
+                od,
+                stream,
+            );
             offset += 4 * V::LANES;
         }
-        for (a, o) in rest.iter().zip(out_rest) {
-            put(op.apply(0, offset, V::load(a)), o, stream);
+        for (j, (a, o)) in rest.iter().zip(out_rest).enumerate() {
+            put(op.apply(0, offset, V::load(a), s.single(j)), o, stream);
             offset += V::LANES;
         }
         if !tail.is_empty() {
-            op.apply_tail(offset, V::load_tail(tail, tail_fill))
+            op.apply_tail(offset, V::load_tail(tail, tail_fill), s.tail())
                 .store_tail(out_tail);
             offset += tail.len();
         }
@@ -1152,33 +1176,50 @@ fn map_into<V: Vector, O: Op<V>>(
 
 /// `op` over `buf`, results stored back in place.
 #[inline(always)]
-fn map_in_place<V: Vector, O: Op<V>>(buf: &mut [f32], tail_fill: f32, op: &mut O, stream: bool) {
+fn map_in_place<V: Vector, O: Op<V>>(
+    buf: &mut [f32],
+    mut side: O::Side,
+    tail_fill: f32,
+    op: &mut O,
+    stream: bool,
+) {
     let head = stream_head::<V>(buf, stream);
     let Some((first, buf)) = buf.split_at_mut_checked(head) else {
         return;
     };
     if !first.is_empty() {
-        op.apply_tail(0, V::load_tail(first, tail_fill))
+        let v = side.take(head).tail();
+        op.apply_tail(0, V::load_tail(first, tail_fill), v)
             .store_tail(first);
     }
     let mut offset = head;
     for block in buf.chunks_mut(BLOCK) {
+        let s = side.take(block.len());
         let (arrays, tail) = V::split_mut(block);
         let (quads, rest) = arrays.as_chunks_mut::<4>();
-        for [a, b, c, d] in quads {
-            put(op.apply(0, offset, V::load(a)), a, stream);
-            put(op.apply(1, offset + V::LANES, V::load(b)), b, stream);
-            put(op.apply(2, offset + 2 * V::LANES, V::load(c)), c, stream);
-            put(op.apply(3, offset + 3 * V::LANES, V::load(d)), d, stream);
+        for (i, [a, b, c, d]) in quads.iter_mut().enumerate() {
+            let [va, vb, vc, vd] = s.quad(i);
+            put(op.apply(0, offset, V::load(a), va), a, stream);
+            put(op.apply(1, offset + V::LANES, V::load(b), vb), b, stream);
+            put(
+                op.apply(2, offset + 2 * V::LANES, V::load(c), vc),
+                c,
+                stream,
+            );
+            put(
+                op.apply(3, offset + 3 * V::LANES, V::load(d), vd),
+                d,
+                stream,
+            );
             offset += 4 * V::LANES;
         }
-        for a in rest {
-            put(op.apply(0, offset, V::load(a)), a, stream);
+        for (j, a) in rest.iter_mut().enumerate() {
+            put(op.apply(0, offset, V::load(a), s.single(j)), a, stream);
             offset += V::LANES;
         }
         if !tail.is_empty() {
             let len = tail.len();
-            op.apply_tail(offset, V::load_tail(tail, tail_fill))
+            op.apply_tail(offset, V::load_tail(tail, tail_fill), s.tail())
                 .store_tail(tail);
             offset += len;
         }
@@ -1186,36 +1227,110 @@ fn map_in_place<V: Vector, O: Op<V>>(buf: &mut [f32], tail_fill: f32, op: &mut O
     }
 }
 
-/// The vector of `s[offset..offset + LANES]`, padded with `fill` past the end.
-#[inline(always)]
-fn load_at<V: Vector>(s: &[f32], offset: usize, fill: f32) -> V {
-    V::load_prefix(s.get(offset..).unwrap_or(&[]), fill)
+/// What the loop drivers ([`fold`], [`map_into`], [`map_in_place`]) read beside a row, vector for
+/// vector: nothing ([`NoSide`]), or a per-class row such as class weights or target
+/// probabilities ([`AuxSide`]), split block by block exactly as the row is, so that each of its
+/// vectors costs one load and no index arithmetic.
+pub(crate) trait Side<V: Vector>: Copy {
+    /// Whether there is a row beside (ops skip its arithmetic at compile time when not).
+    const PRESENT: bool;
+    /// The next `n` elements, split as a block of the row of `n` elements is; `self` keeps the
+    /// rest.
+    fn take(&mut self, n: usize) -> Self;
+    /// Whole vectors `4 i .. 4 i + 4` of a block taken by [`Side::take`].
+    fn quad(&self, i: usize) -> [V; 4];
+    /// Whole vector `j` after the quads of a block.
+    fn single(&self, j: usize) -> V;
+    /// The block's tail, padded with 0.
+    fn tail(&self) -> V;
 }
 
-/// A per-class row read alongside the logits (class weights, target probabilities), split into
-/// whole vectors once per row: a vector at a multiple of `LANES` then costs one index check, not
-/// the slice arithmetic of [`load_at`] (which the rest still takes, padded with 0).
+/// No row beside: every vector is 0, and no op reads it.
 #[derive(Clone, Copy)]
-struct AuxRow<'a, V: Vector> {
-    arrays: &'a [V::Array],
-    row: &'a [f32],
+pub(crate) struct NoSide;
+
+impl<V: Vector> Side<V> for NoSide {
+    const PRESENT: bool = false;
+
+    #[inline(always)]
+    fn take(&mut self, _n: usize) -> Self {
+        NoSide
+    }
+
+    #[inline(always)]
+    fn quad(&self, _i: usize) -> [V; 4] {
+        [V::splat(0.0); 4]
+    }
+
+    #[inline(always)]
+    fn single(&self, _j: usize) -> V {
+        V::splat(0.0)
+    }
+
+    #[inline(always)]
+    fn tail(&self) -> V {
+        V::splat(0.0)
+    }
 }
 
-impl<'a, V: Vector> AuxRow<'a, V> {
+/// A per-class row beside the logits, at least as long as the span it is read with (see
+/// [`AuxSide::new`]).
+#[derive(Clone, Copy)]
+pub(crate) struct AuxSide<'a, V: Vector> {
+    quads: &'a [[V::Array; 4]],
+    singles: &'a [V::Array],
+    tail: &'a [f32],
+    /// What [`Side::take`] has not taken yet.
+    rest: &'a [f32],
+}
+
+impl<'a, V: Vector> AuxSide<'a, V> {
+    /// `row` beside a span of `len` elements; `None` if it is shorter (the public API's checks
+    /// exclude that: callers make the row NaN rather than read past it).
     #[inline(always)]
-    fn new(row: &'a [f32]) -> Self {
-        AuxRow {
-            arrays: V::split(row).0,
-            row,
+    fn new(row: &'a [f32], len: usize) -> Option<Self> {
+        Some(AuxSide {
+            quads: &[],
+            singles: &[],
+            tail: &[],
+            rest: row.get(..len)?,
+        })
+    }
+}
+
+impl<V: Vector> Side<V> for AuxSide<'_, V> {
+    const PRESENT: bool = true;
+
+    #[inline(always)]
+    fn take(&mut self, n: usize) -> Self {
+        let (head, rest) = self.rest.split_at_checked(n).unwrap_or((self.rest, &[]));
+        self.rest = rest;
+        let (arrays, tail) = V::split(head);
+        let (quads, singles) = arrays.as_chunks::<4>();
+        AuxSide {
+            quads,
+            singles,
+            tail,
+            rest: &[],
         }
     }
 
     #[inline(always)]
-    fn at(&self, offset: usize) -> V {
-        match self.arrays.get(offset / V::LANES) {
-            Some(a) if offset.is_multiple_of(V::LANES) => V::load(a),
-            _ => load_at::<V>(self.row, offset, 0.0),
+    fn quad(&self, i: usize) -> [V; 4] {
+        match self.quads.get(i) {
+            Some([a, b, c, d]) => [V::load(a), V::load(b), V::load(c), V::load(d)],
+            None => [V::splat(0.0); 4],
         }
+    }
+
+    #[inline(always)]
+    fn single(&self, j: usize) -> V {
+        self.singles.get(j).map_or(V::splat(0.0), V::load)
+    }
+
+    #[inline(always)]
+    fn tail(&self) -> V {
+        V::load_tail(self.tail, 0.0)
     }
 }
 
@@ -1262,8 +1377,10 @@ impl<'m, V: Vector, const BITS: bool> MaxMin<'m, V, BITS> {
 }
 
 impl<V: Vector, const BITS: bool> Op<V> for MaxMin<'_, V, BITS> {
+    type Side = NoSide;
+
     #[inline(always)]
-    fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
+    fn apply(&mut self, slot: usize, offset: usize, z: V, _v: V) -> V {
         let slot = slot & 3;
         let (max, min) = (self.max[slot], self.min[slot]);
         // Over the allowed lanes only: a disallowed lane's NaN could otherwise hide an allowed
@@ -1281,7 +1398,7 @@ impl<V: Vector, const BITS: bool> Op<V> for MaxMin<'_, V, BITS> {
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, offset: usize, z: V) -> V {
+    fn apply_tail(&mut self, offset: usize, z: V, _v: V) -> V {
         // The tail is padded with -inf: harmless for the max, meaningless for the min.
         let z = match self.mask {
             Some(mask) => apply_mask(mask, offset, z),
@@ -1295,7 +1412,7 @@ impl<V: Vector, const BITS: bool> Op<V> for MaxMin<'_, V, BITS> {
 /// Pass 1 over a row: its max and min over the allowed lanes, through `mm`.
 #[inline(always)]
 fn max_min<V: Vector, const BITS: bool>(z: &[f32], mut mm: MaxMin<'_, V, BITS>) -> (f32, f32) {
-    fold(z, f32::NEG_INFINITY, &mut mm);
+    fold(z, NoSide, f32::NEG_INFINITY, &mut mm);
     mm.result()
 }
 
@@ -1331,6 +1448,13 @@ impl Stats {
         aux_sum: 0.0,
         aux_masked: 0.0,
         invalid: false,
+    };
+
+    /// The statistics of a span whose auxiliary row is shorter than it (which the public API's
+    /// checks exclude): the row becomes NaN.
+    const SHORT_AUX: Stats = Stats {
+        invalid: true,
+        ..Stats::EMPTY
     };
 
     /// The statistics of the union of two disjoint pieces (associative and commutative up to
@@ -1393,8 +1517,6 @@ struct Lanes<'a, V: Vector> {
     scaled: bool,
     /// `c` and `s / c`, if soft-capping.
     cap: Option<(V, V)>,
-    /// The auxiliary row, if any.
-    aux: Option<AuxRow<'a, V>>,
     /// The class mask, if any.
     mask: Option<&'a [bool]>,
     /// The class mask as bits (see [`Job::class_bits`]), for the `MASKED_BITS` variant; empty
@@ -1404,7 +1526,7 @@ struct Lanes<'a, V: Vector> {
 
 impl<'a, V: Vector> Lanes<'a, V> {
     #[inline(always)]
-    fn new(m: f32, transform: Transform, aux: Option<&'a [f32]>, mask: Option<&'a [bool]>) -> Self {
+    fn new(m: f32, transform: Transform, mask: Option<&'a [bool]>) -> Self {
         Lanes {
             m: V::splat(m),
             scale: V::splat(transform.scale),
@@ -1412,7 +1534,6 @@ impl<'a, V: Vector> Lanes<'a, V> {
             cap: transform
                 .cap
                 .map(|c| (V::splat(c), V::splat(transform.scale / c))),
-            aux: aux.map(AuxRow::new),
             mask,
             bits: None,
         }
@@ -1466,8 +1587,10 @@ impl<'a, V: Vector> Lanes<'a, V> {
 
 /// Pass 2: `e = exp(t - m)`, summed with `t - m` (and the auxiliary sums); returns `e` (or `-1`
 /// for masked lanes in the careful variant). Flushes into f64 at every block end.
-struct SumExp<'a, V: Vector, const MODE: u8> {
+struct SumExp<'a, V: Vector, const MODE: u8, S> {
     lanes: Lanes<'a, V>,
+    /// The auxiliary row's [`Side`] (its vectors come through `apply`).
+    side: PhantomData<S>,
     sum: [V; 4],
     shifted: [V; 4],
     aux_shifted: [V; 4],
@@ -1487,12 +1610,13 @@ struct SumExp<'a, V: Vector, const MODE: u8> {
     ahead: &'a [f32],
 }
 
-impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
+impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
     #[inline(always)]
     fn new(max: f32, lanes: Lanes<'a, V>) -> Self {
         let zero = V::splat(0.0);
         SumExp {
             lanes,
+            side: PhantomData,
             sum: [zero; 4],
             shifted: [zero; 4],
             aux_shifted: [zero; 4],
@@ -1519,7 +1643,7 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
     /// The careful lane update: masked lanes (`-inf`, disallowed classes, the tail padding) count
     /// for nothing, and the shifted sums are formed pre-scaled so they cannot overflow.
     #[inline(always)]
-    fn careful(&mut self, slot: usize, offset: usize, z: V) -> V {
+    fn careful(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
         let slot = slot & 3;
         let ninf = V::splat(f32::NEG_INFINITY);
         let zero = V::splat(0.0);
@@ -1529,8 +1653,7 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
         let scaled = z.select_eq(ninf, zero, self.lanes.shifted_scaled(z));
         self.scaled = self.scaled.add(scaled);
         self.allowed = self.allowed.add(z.select_eq(ninf, zero, V::splat(1.0)));
-        if let Some(aux) = self.lanes.aux {
-            let v = aux.at(offset);
+        if S::PRESENT {
             self.aux_scaled = v.mul_add(scaled, self.aux_scaled);
             self.aux_sum[slot] = self.aux_sum[slot].add(z.select_eq(ninf, zero, v));
             self.aux_masked = self.aux_masked.add(z.select_eq(ninf, v, zero));
@@ -1543,7 +1666,7 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
     /// with `MASKED_BITS`, counted from the bits and stored as they come (the pass over the
     /// stored exps zeroes them by the bits: [`Scale`]).
     #[inline(always)]
-    fn masked(&mut self, slot: usize, offset: usize, z: V) -> V {
+    fn masked(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
         let slot = slot & 3;
         let ok = match self.lanes.bits {
             Some(bits) if MODE == MASKED_BITS => V::allowed_bits(bits.words, offset),
@@ -1559,8 +1682,7 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
         if MODE != MASKED_BITS {
             self.allowed = V::select_where(ok, self.allowed.add(V::splat(1.0)), self.allowed);
         }
-        if let Some(aux) = self.lanes.aux {
-            let v = aux.at(offset);
+        if S::PRESENT {
             let (acc, sum) = (self.aux_shifted[slot], self.aux_sum[slot]);
             self.aux_shifted[slot] = V::select_where(ok, v.mul_add(t, acc), acc);
             self.aux_sum[slot] = V::select_where(ok, sum.add(v), sum);
@@ -1584,9 +1706,11 @@ impl<'a, V: Vector, const MODE: u8> SumExp<'a, V, MODE> {
     }
 }
 
-impl<V: Vector, const MODE: u8> Op<V> for SumExp<'_, V, MODE> {
+impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
+    type Side = S;
+
     #[inline(always)]
-    fn apply(&mut self, slot: usize, offset: usize, z: V) -> V {
+    fn apply(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
         self.pending += 1;
         if self.pending == FLUSH_VECTORS {
             self.end_block();
@@ -1595,8 +1719,8 @@ impl<V: Vector, const MODE: u8> Op<V> for SumExp<'_, V, MODE> {
             V::prefetch(x);
         }
         match MODE {
-            CAREFUL => return self.careful(slot, offset, z),
-            MASKED | MASKED_BITS => return self.masked(slot, offset, z),
+            CAREFUL => return self.careful(slot, offset, z, v),
+            MASKED | MASKED_BITS => return self.masked(slot, offset, z, v),
             _ => {}
         }
         let slot = slot & 3;
@@ -1604,8 +1728,7 @@ impl<V: Vector, const MODE: u8> Op<V> for SumExp<'_, V, MODE> {
         let e = exp_nonpositive(t);
         self.sum[slot] = self.sum[slot].add(e);
         self.shifted[slot] = self.shifted[slot].add(t);
-        if let Some(aux) = self.lanes.aux {
-            let v = aux.at(offset);
+        if S::PRESENT {
             self.aux_shifted[slot] = v.mul_add(t, self.aux_shifted[slot]);
             self.aux_sum[slot] = self.aux_sum[slot].add(v);
         }
@@ -1614,8 +1737,8 @@ impl<V: Vector, const MODE: u8> Op<V> for SumExp<'_, V, MODE> {
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, offset: usize, z: V) -> V {
-        self.careful(3, offset, z)
+    fn apply_tail(&mut self, offset: usize, z: V, v: V) -> V {
+        self.careful(3, offset, z, v)
     }
 
     #[inline(always)]
@@ -1630,7 +1753,7 @@ impl<V: Vector, const MODE: u8> Op<V> for SumExp<'_, V, MODE> {
         self.scaled = zero;
         self.allowed = zero;
         self.fast_count = 0;
-        if self.lanes.aux.is_some() {
+        if S::PRESENT {
             t.aux_shifted += drain(&mut self.aux_shifted);
             t.aux_shifted += self.aux_scaled.reduce_sum() * CAREFUL_UNSCALE;
             t.aux_sum += drain(&mut self.aux_sum);
@@ -1663,67 +1786,74 @@ struct GradLanes<V> {
 /// that stored them: `FAST`, every lane an exp; `CAREFUL`, lanes holding the masked marker `-1`
 /// zeroed; `MASKED_BITS`, whole vectors' disallowed lanes zeroed by the mask's `bits` (the variant
 /// stored them as they came), the tail's marker as in `CAREFUL`.
-struct Scale<'a, V: Vector, const MODE: u8> {
+struct Scale<'a, V: Vector, const MODE: u8, S> {
     grad: GradLanes<V>,
-    aux: Option<AuxRow<'a, V>>,
+    /// The auxiliary row's [`Side`] (its vectors come through `apply`).
+    side: PhantomData<S>,
     /// The class mask as bits (`MASKED_BITS` only).
     bits: Option<&'a MaskWords>,
 }
 
-impl<V: Vector, const MODE: u8> Scale<'_, V, MODE> {
+impl<V: Vector, const MODE: u8, S: Side<V>> Scale<'_, V, MODE, S> {
     #[inline(always)]
-    fn careful(&self, offset: usize, e: V) -> V {
+    fn careful(&self, e: V, v: V) -> V {
         let zero = V::splat(0.0);
-        e.select_lt(zero, zero, self.plain(offset, e))
+        e.select_lt(zero, zero, self.plain(e, v))
     }
 
     #[inline(always)]
-    fn plain(&self, offset: usize, e: V) -> V {
+    fn plain(&self, e: V, v: V) -> V {
         let g = e.mul_add(self.grad.a, self.grad.b);
-        match self.aux {
-            Some(aux) => aux.at(offset).mul_add(self.grad.c, g),
-            None => g,
+        if S::PRESENT {
+            v.mul_add(self.grad.c, g)
+        } else {
+            g
         }
     }
 }
 
-impl<V: Vector, const MODE: u8> Op<V> for Scale<'_, V, MODE> {
+impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for Scale<'_, V, MODE, S> {
+    type Side = S;
+
     #[inline(always)]
-    fn apply(&mut self, _slot: usize, offset: usize, e: V) -> V {
+    fn apply(&mut self, _slot: usize, offset: usize, e: V, v: V) -> V {
         match MODE {
-            CAREFUL => self.careful(offset, e),
+            CAREFUL => self.careful(e, v),
             MASKED_BITS => match self.bits {
                 Some(words) => {
                     let ok = V::allowed_bits(words, offset);
-                    V::select_where(ok, self.plain(offset, e), V::splat(0.0))
+                    V::select_where(ok, self.plain(e, v), V::splat(0.0))
                 }
-                None => self.careful(offset, e),
+                None => self.careful(e, v),
             },
-            _ => self.plain(offset, e),
+            _ => self.plain(e, v),
         }
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, offset: usize, e: V) -> V {
-        self.careful(offset, e)
+    fn apply_tail(&mut self, _offset: usize, e: V, v: V) -> V {
+        self.careful(e, v)
     }
 }
 
 /// Pass 2 of the recompute strategy: `g = (exp(t - m) a + b + c v) f'(z)`, masked lanes zero
 /// when careful.
-struct Recompute<'a, V: Vector, const CAREFUL: bool> {
+struct Recompute<'a, V: Vector, const CAREFUL: bool, S> {
     lanes: Lanes<'a, V>,
     grad: GradLanes<V>,
+    /// The auxiliary row's [`Side`] (its vectors come through `apply`).
+    side: PhantomData<S>,
 }
 
-impl<V: Vector, const CAREFUL: bool> Recompute<'_, V, CAREFUL> {
+impl<V: Vector, const CAREFUL: bool, S: Side<V>> Recompute<'_, V, CAREFUL, S> {
     #[inline(always)]
-    fn plain(&self, offset: usize, z: V) -> V {
+    fn plain(&self, z: V, v: V) -> V {
         let e = exp_nonpositive(self.lanes.shifted(z));
         let g = e.mul_add(self.grad.a, self.grad.b);
-        let g = match self.lanes.aux {
-            Some(aux) => aux.at(offset).mul_add(self.grad.c, g),
-            None => g,
+        let g = if S::PRESENT {
+            v.mul_add(self.grad.c, g)
+        } else {
+            g
         };
         match self.lanes.cap {
             // The soft-cap's chain factor 1 - (t/c)^2 (its scale s is folded into a, b, c).
@@ -1737,29 +1867,27 @@ impl<V: Vector, const CAREFUL: bool> Recompute<'_, V, CAREFUL> {
     }
 
     #[inline(always)]
-    fn careful(&self, offset: usize, z: V) -> V {
+    fn careful(&self, offset: usize, z: V, v: V) -> V {
         let z = self.lanes.masked(offset, z);
-        z.select_eq(
-            V::splat(f32::NEG_INFINITY),
-            V::splat(0.0),
-            self.plain(offset, z),
-        )
+        z.select_eq(V::splat(f32::NEG_INFINITY), V::splat(0.0), self.plain(z, v))
     }
 }
 
-impl<V: Vector, const CAREFUL: bool> Op<V> for Recompute<'_, V, CAREFUL> {
+impl<V: Vector, const CAREFUL: bool, S: Side<V>> Op<V> for Recompute<'_, V, CAREFUL, S> {
+    type Side = S;
+
     #[inline(always)]
-    fn apply(&mut self, _slot: usize, offset: usize, z: V) -> V {
+    fn apply(&mut self, _slot: usize, offset: usize, z: V, v: V) -> V {
         if CAREFUL {
-            self.careful(offset, z)
+            self.careful(offset, z, v)
         } else {
-            self.plain(offset, z)
+            self.plain(z, v)
         }
     }
 
     #[inline(always)]
-    fn apply_tail(&mut self, offset: usize, z: V) -> V {
-        self.careful(offset, z)
+    fn apply_tail(&mut self, offset: usize, z: V, v: V) -> V {
+        self.careful(offset, z, v)
     }
 }
 
@@ -1814,7 +1942,7 @@ fn block_stats<V: Vector>(
     ahead: &[f32],
 ) -> Stats {
     let mut mm = MaxMin::<V, false>::new(mask, None);
-    fold(z, f32::NEG_INFINITY, &mut mm);
+    fold(z, NoSide, f32::NEG_INFINITY, &mut mm);
     let (zmax, zmin) = mm.result();
     let (m, tmin) = (
         transform_f32(transform, zmax),
@@ -1823,11 +1951,11 @@ fn block_stats<V: Vector>(
     if let Some(stats) = degenerate(zmax, m, z, mask, aux) {
         return stats;
     }
-    let lanes = Lanes::new(m, transform, aux, mask);
+    let lanes = Lanes::new(m, transform, mask);
     match sums_mode(m, tmin, mask) {
-        CAREFUL => sums_fold::<V, CAREFUL>(z, m, lanes, ahead),
-        MASKED => sums_fold::<V, MASKED>(z, m, lanes, ahead),
-        _ => sums_fold::<V, FAST>(z, m, lanes, ahead),
+        CAREFUL => sums_fold::<V, CAREFUL>(z, m, lanes, aux, ahead),
+        MASKED => sums_fold::<V, MASKED>(z, m, lanes, aux, ahead),
+        _ => sums_fold::<V, FAST>(z, m, lanes, aux, ahead),
     }
 }
 
@@ -1836,11 +1964,29 @@ fn sums_fold<'a, V: Vector, const MODE: u8>(
     z: &[f32],
     m: f32,
     lanes: Lanes<'a, V>,
+    aux: Option<&[f32]>,
     ahead: &'a [f32],
 ) -> Stats {
-    let mut op = SumExp::<V, MODE>::new(m, lanes);
+    match aux {
+        None => sums_fold_beside::<V, MODE, _>(z, m, lanes, NoSide, ahead),
+        Some(row) => match AuxSide::new(row, z.len()) {
+            Some(side) => sums_fold_beside::<V, MODE, _>(z, m, lanes, side, ahead),
+            None => Stats::SHORT_AUX,
+        },
+    }
+}
+
+#[inline(always)]
+fn sums_fold_beside<'a, V: Vector, const MODE: u8, S: Side<V>>(
+    z: &[f32],
+    m: f32,
+    lanes: Lanes<'a, V>,
+    side: S,
+    ahead: &'a [f32],
+) -> Stats {
+    let mut op = SumExp::<V, MODE, S>::new(m, lanes);
     op.ahead = ahead;
-    fold(z, f32::NEG_INFINITY, &mut op);
+    fold(z, side, f32::NEG_INFINITY, &mut op);
     op.stats()
 }
 
@@ -2230,19 +2376,19 @@ pub(crate) fn gradient_row<V: RowKernels>(
         } else {
             // Before the pass that may overwrite the logits with exps.
             let rest = exact_rest(job, z, target, m);
-            let lanes = Lanes::new(m, transform, aux, mask);
+            let lanes = Lanes::new(m, transform, mask);
             let (stats, stored_bits) = match (sums_mode(m, tmin, mask), bits) {
-                (CAREFUL, _) => (sums_map::<V, CAREFUL>(&mut io, m, lanes), None),
+                (CAREFUL, _) => (sums_map::<V, CAREFUL>(&mut io, m, lanes, aux), None),
                 (MASKED, Some(bits)) => {
                     let lanes = Lanes {
                         bits: Some(bits),
                         ..lanes
                     };
-                    let stats = sums_map::<V, MASKED_BITS>(&mut io, m, lanes);
+                    let stats = sums_map::<V, MASKED_BITS>(&mut io, m, lanes, aux);
                     (stats, Some(bits.words))
                 }
-                (MASKED, None) => (sums_map::<V, MASKED>(&mut io, m, lanes), None),
-                _ => (sums_map::<V, FAST>(&mut io, m, lanes), None),
+                (MASKED, None) => (sums_map::<V, MASKED>(&mut io, m, lanes, aux), None),
+                _ => (sums_map::<V, FAST>(&mut io, m, lanes, aux), None),
             };
             (stats, rest, stored_bits)
         }
@@ -2350,17 +2496,18 @@ fn write_gradient<V: Vector>(
         let constants = wide.then_some([a, b, c]);
         scale_stored::<V>(io, grad, constants, aux, masked, mask, piece.bits);
     } else {
-        let lanes = Lanes::new(stats.max, transform, aux, mask);
+        let lanes = Lanes::new(stats.max, transform, mask);
         let careful = masked || mask.is_some();
-        let ninf = f32::NEG_INFINITY;
         // Rows far beyond the caches: non-temporal stores skip the read for ownership of the
         // gradient's lines (and do not evict the logits still to be read).
         // Out of place only: in place, the line was just read and is in the cache already.
         let stream = matches!(io, Io::Separate(..)) && io.src().len() >= STREAM_MIN;
-        if careful {
-            io.map(ninf, &mut Recompute::<V, true> { lanes, grad }, stream);
-        } else {
-            io.map(ninf, &mut Recompute::<V, false> { lanes, grad }, stream);
+        match aux {
+            None => recompute::<V, _>(io, lanes, grad, NoSide, careful, stream),
+            Some(row) => match AuxSide::new(row, io.src().len()) {
+                Some(side) => recompute::<V, _>(io, lanes, grad, side, careful, stream),
+                None => io.fill(f32::NAN),
+            },
         }
         if stream {
             V::stream_fence();
@@ -2414,6 +2561,35 @@ fn write_gradient<V: Vector>(
     result
 }
 
+/// Pass 2 of the recompute strategy, the gradient from the logits (careful: masked lanes 0).
+#[inline(always)]
+fn recompute<V: Vector, S: Side<V>>(
+    io: &mut Io<'_>,
+    lanes: Lanes<'_, V>,
+    grad: GradLanes<V>,
+    side: S,
+    careful: bool,
+    stream: bool,
+) {
+    let ninf = f32::NEG_INFINITY;
+    let pd = PhantomData;
+    if careful {
+        let op = &mut Recompute::<V, true, S> {
+            lanes,
+            grad,
+            side: pd,
+        };
+        io.map(side, ninf, op, stream);
+    } else {
+        let op = &mut Recompute::<V, false, S> {
+            lanes,
+            grad,
+            side: pd,
+        };
+        io.map(side, ninf, op, stream);
+    }
+}
+
 /// Pass 3 of the reload strategy over the stored exps in `io`'s destination: in f64 when `wide`
 /// holds the constants (see [`beyond_f32`]), else vector by vector, zeroing the disallowed
 /// lanes by the class mask's `bits` when the masked variant stored them with bits (see
@@ -2432,11 +2608,51 @@ fn scale_stored<V: Vector>(
         scale_exps_wide(io.out(), constants, aux, mask);
         return;
     }
-    let aux = aux.map(AuxRow::new);
+    match aux {
+        None => scale_beside::<V, _>(io, grad, NoSide, masked, bits),
+        Some(row) => match AuxSide::new(row, io.out().len()) {
+            Some(side) => scale_beside::<V, _>(io, grad, side, masked, bits),
+            None => io.fill(f32::NAN),
+        },
+    }
+}
+
+#[inline(always)]
+fn scale_beside<V: Vector, S: Side<V>>(
+    io: &mut Io<'_>,
+    grad: GradLanes<V>,
+    side: S,
+    masked: bool,
+    bits: Option<&MaskWords>,
+) {
+    let pd = PhantomData;
     match (bits, masked) {
-        (Some(_), _) => io.map_out(0.0, &mut Scale::<V, MASKED_BITS> { grad, aux, bits }),
-        (None, true) => io.map_out(0.0, &mut Scale::<V, CAREFUL> { grad, aux, bits }),
-        (None, false) => io.map_out(0.0, &mut Scale::<V, FAST> { grad, aux, bits }),
+        (Some(_), _) => {
+            let op = &mut Scale::<V, MASKED_BITS, S> {
+                grad,
+                side: pd,
+                bits,
+            };
+            io.map_out(side, 0.0, op);
+        }
+        (None, true) => io.map_out(
+            side,
+            0.0,
+            &mut Scale::<V, CAREFUL, S> {
+                grad,
+                side: pd,
+                bits,
+            },
+        ),
+        (None, false) => io.map_out(
+            side,
+            0.0,
+            &mut Scale::<V, FAST, S> {
+                grad,
+                side: pd,
+                bits,
+            },
+        ),
     }
 }
 
@@ -2471,8 +2687,29 @@ fn scale_exps_wide(
 }
 
 #[inline(always)]
-fn sums_map<V: Vector, const MODE: u8>(io: &mut Io<'_>, m: f32, lanes: Lanes<'_, V>) -> Stats {
-    let mut op = SumExp::<V, MODE>::new(m, lanes);
-    io.map(f32::NEG_INFINITY, &mut op, false);
+fn sums_map<V: Vector, const MODE: u8>(
+    io: &mut Io<'_>,
+    m: f32,
+    lanes: Lanes<'_, V>,
+    aux: Option<&[f32]>,
+) -> Stats {
+    match aux {
+        None => sums_map_beside::<V, MODE, _>(io, m, lanes, NoSide),
+        Some(row) => match AuxSide::new(row, io.src().len()) {
+            Some(side) => sums_map_beside::<V, MODE, _>(io, m, lanes, side),
+            None => Stats::SHORT_AUX,
+        },
+    }
+}
+
+#[inline(always)]
+fn sums_map_beside<V: Vector, const MODE: u8, S: Side<V>>(
+    io: &mut Io<'_>,
+    m: f32,
+    lanes: Lanes<'_, V>,
+    side: S,
+) -> Stats {
+    let mut op = SumExp::<V, MODE, S>::new(m, lanes);
+    io.map(side, f32::NEG_INFINITY, &mut op, false);
     op.stats()
 }

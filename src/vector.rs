@@ -30,16 +30,6 @@ pub(crate) trait Vector: Copy {
     fn load_tail(tail: &[f32], fill: f32) -> Self;
     /// Stores the low `tail.len()` lanes (fewer than `LANES`) into `tail`.
     fn store_tail(self, tail: &mut [f32]);
-    /// Loads the first `LANES` elements of `s`, or all of a shorter `s` with the other lanes
-    /// `fill`.
-    #[inline(always)]
-    fn load_prefix(s: &[f32], fill: f32) -> Self {
-        let (arrays, tail) = Self::split(s);
-        match arrays.first() {
-            Some(a) => Self::load(a),
-            None => Self::load_tail(tail, fill),
-        }
-    }
     /// All lanes `x`.
     fn splat(x: f32) -> Self;
 

@@ -61,13 +61,6 @@ impl Vector for Avx2 {
         Self::load(&lanes)
     }
     #[inline(always)]
-    fn load_prefix(s: &[f32], fill: f32) -> Self {
-        match s.first_chunk::<8>() {
-            Some(a) => Self::load(a),
-            None => Self::load_tail(s, fill),
-        }
-    }
-    #[inline(always)]
     fn store_tail(self, tail: &mut [f32]) {
         for (x, lane) in tail.iter_mut().zip(self.to_array()) {
             *x = lane;

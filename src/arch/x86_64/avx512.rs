@@ -67,13 +67,6 @@ impl Vector for Avx512 {
         })
     }
     #[inline(always)]
-    fn load_prefix(s: &[f32], fill: f32) -> Self {
-        match s.first_chunk::<16>() {
-            Some(a) => Self::load(a),
-            None => Self::load_tail(s, fill),
-        }
-    }
-    #[inline(always)]
     fn store_tail(self, tail: &mut [f32]) {
         // SAFETY: see the impl comment; only the low `tail.len()` lanes are written.
         unsafe { _mm512_mask_storeu_ps(tail.as_mut_ptr(), low_lanes(tail.len()), self.0) }
