@@ -1,13 +1,17 @@
 //! Firmware-style on-device training: how an embedded user wires `smoothce` into a training loop.
 //!
-//! Everything has a fixed size known at compile time; the training step touches only arrays that
-//! live in a `Workspace` (on a microcontroller that would be a `static`), allocates nothing, and
-//! uses only `core`. A linear classifier (4 sensor features, 3 classes) learns from a simulated
+//! Everything has a fixed size known at compile time. The model and all the buffers of a training
+//! step live in `static`s (behind a `std::sync::Mutex` here; on a microcontroller, a
+//! critical-section mutex such as `critical_section::Mutex<RefCell<_>>`); the training step
+//! allocates nothing (a test counts the allocations it makes: zero) and uses only `core`. A linear classifier (4 sensor features, 3 classes) learns from a simulated
 //! sensor stream; `forward_backward_in_place` turns the logits buffer into the gradient, so one
 //! `[f32; BATCH * CLASSES]` buffer serves both. Batches that arrive short are padded with rows
 //! whose target is the ignore index: they cost nothing and do not dilute the mean.
 //!
-//! Run with `cargo run --example firmware`.
+//! Run with `cargo run --release --example firmware`; `cargo test --example firmware` runs its
+//! tests (plain `cargo test` does too).
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use smoothce::{CrossEntropy, Reduction, Smoothing};
 
@@ -30,13 +34,45 @@ struct Linear {
     b: [f32; CLASSES],
 }
 
-/// All the memory one training step uses, allocated once (statically, on a device).
+impl Linear {
+    /// The all-zero model.
+    const fn new() -> Self {
+        Linear {
+            w: [[0.0; FEATURES]; CLASSES],
+            b: [0.0; CLASSES],
+        }
+    }
+}
+
+/// All the memory one training step uses, in a `static`: nothing is allocated at run time.
 struct Workspace {
     x: [[f32; FEATURES]; BATCH],
     targets: [u32; BATCH],
     /// Logits on the way in, d(loss)/d(logits) on the way out.
     logits: [f32; BATCH * CLASSES],
     losses: [f32; BATCH],
+}
+
+impl Workspace {
+    /// Empty buffers, every row padding.
+    const fn new() -> Self {
+        Workspace {
+            x: [[0.0; FEATURES]; BATCH],
+            targets: [PAD; BATCH],
+            logits: [0.0; BATCH * CLASSES],
+            losses: [0.0; BATCH],
+        }
+    }
+}
+
+/// The model's weights, in static memory (on a device: RAM reserved at link time).
+static MODEL: Mutex<Linear> = Mutex::new(Linear::new());
+/// The training step's buffers, in static memory.
+static WORKSPACE: Mutex<Workspace> = Mutex::new(Workspace::new());
+
+/// Locks a static; a panic elsewhere while it was held leaves plain numbers behind, still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One SGD step on the batch in `ws`. Returns the mean loss over the non-padding rows.
@@ -116,16 +152,8 @@ fn main() -> Result<(), smoothce::Error> {
         .smoothing(Smoothing::Uniform(0.05))
         .ignore_index(PAD)
         .reduction(Reduction::Mean);
-    let mut model = Linear {
-        w: [[0.0; FEATURES]; CLASSES],
-        b: [0.0; CLASSES],
-    };
-    let mut ws = Workspace {
-        x: [[0.0; FEATURES]; BATCH],
-        targets: [PAD; BATCH],
-        logits: [0.0; BATCH * CLASSES],
-        losses: [0.0; BATCH],
-    };
+    let (mut model_guard, mut ws_guard) = (lock(&MODEL), lock(&WORKSPACE));
+    let (model, ws) = (&mut *model_guard, &mut *ws_guard);
     let mut rng = XorShift32(0x2545_F491);
 
     println!(
@@ -140,8 +168,8 @@ fn main() -> Result<(), smoothce::Error> {
     for step in 1..=STEPS {
         // Every fifth batch arrives short: 5 real samples, 3 padding rows.
         let valid = if step % 5 == 0 { 5 } else { BATCH };
-        read_sensor(&mut ws, &mut rng, valid);
-        window += train_step(&mut model, &mut ws, &ce)?;
+        read_sensor(ws, &mut rng, valid);
+        window += train_step(model, ws, &ce)?;
         samples += valid;
         if step % 10 == 0 {
             let mean = window / 10.0;
@@ -167,7 +195,7 @@ fn main() -> Result<(), smoothce::Error> {
     let mut nll = 0.0;
     let rounds = 16;
     for _ in 0..rounds {
-        read_sensor(&mut ws, &mut rng, BATCH);
+        read_sensor(ws, &mut rng, BATCH);
         for (row, x) in ws.logits.chunks_exact_mut(CLASSES).zip(&ws.x) {
             for (logit, (w, b)) in row.iter_mut().zip(model.w.iter().zip(&model.b)) {
                 *logit = b + w.iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
@@ -186,4 +214,83 @@ fn main() -> Result<(), smoothce::Error> {
         nll / rounds as f32
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// The system allocator, counting the allocations of the current thread.
+    struct Counting;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    // SAFETY: every call is forwarded unchanged to `System`, which upholds `GlobalAlloc`'s
+    // contract; the counter is a `const`-initialised thread local, which allocates nothing.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            // SAFETY: forwarded with the caller's layout.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from `System.alloc` with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            // SAFETY: forwarded unchanged.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    fn allocations() -> usize {
+        ALLOCATIONS.with(Cell::get)
+    }
+
+    #[test]
+    fn the_counter_sees_an_allocation() {
+        let before = allocations();
+        let v = std::hint::black_box(vec![1u8; 16]);
+        assert!(allocations() > before);
+        drop(v);
+    }
+
+    #[test]
+    fn training_allocates_nothing_and_learns() {
+        let ce = CrossEntropy::new(CLASSES)
+            .smoothing(Smoothing::Uniform(0.05))
+            .ignore_index(PAD);
+        let mut model = Linear::new();
+        let mut ws = Workspace::new();
+        let mut rng = XorShift32(0x2545_F491);
+        let (mut first, mut last) = (0.0, 0.0);
+        let before = allocations();
+        for step in 1..=STEPS {
+            let valid = if step % 5 == 0 { 5 } else { BATCH };
+            read_sensor(&mut ws, &mut rng, valid);
+            let loss = train_step(&mut model, &mut ws, &ce).unwrap();
+            if step <= 10 {
+                first += loss;
+            } else if step > STEPS - 10 {
+                last += loss;
+            }
+        }
+        assert_eq!(allocations() - before, 0, "the training loop allocated");
+        assert!(last < 0.7 * first, "mean loss {first} -> {last}");
+        // Padding rows: loss 0 and an all-zero gradient row.
+        read_sensor(&mut ws, &mut rng, 5);
+        train_step(&mut model, &mut ws, &ce).unwrap();
+        assert_eq!(ws.losses[5..], [0.0; BATCH - 5]);
+        assert!(ws.logits[5 * CLASSES..].iter().all(|&g| g == 0.0));
+    }
 }

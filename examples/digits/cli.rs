@@ -164,11 +164,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                         }
                     })
                     .collect::<Result<_, _>>()?;
+                if o.noise.len() > MAX_NOISE_LEVELS {
+                    return Err(format!(
+                        "--noise takes at most {MAX_NOISE_LEVELS} levels, got {}",
+                        o.noise.len()
+                    ));
+                }
             }
-            "--epochs" => o.epochs = positive(&flag, &value)?,
-            "--seeds" => o.seeds = positive(&flag, &value)?,
+            "--epochs" => o.epochs = bounded(&flag, &value, MAX_EPOCHS)?,
+            "--seeds" => o.seeds = bounded(&flag, &value, MAX_SEEDS)?,
             "--seed" => o.seed = number(&flag, &value)?,
-            "--hidden" => o.hidden = positive(&flag, &value)?,
+            "--hidden" => o.hidden = bounded(&flag, &value, MAX_HIDDEN)?,
             "--test-fraction" => {
                 o.test_fraction = number(&flag, &value)?;
                 if !(o.test_fraction > 0.0 && o.test_fraction < 1.0) {
@@ -188,9 +194,18 @@ fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
         .map_err(|_| format!("{flag}: cannot read {value:?} as a number"))
 }
 
-fn positive(flag: &str, value: &str) -> Result<usize, String> {
+/// Upper bounds of the counting flags: far beyond any useful run, low enough that the model, the
+/// predictions kept for the diagram and the run count fit in memory and in a `usize`.
+const MAX_EPOCHS: usize = 100_000;
+const MAX_SEEDS: usize = 1_000;
+const MAX_HIDDEN: usize = 4_096;
+const MAX_NOISE_LEVELS: usize = 20;
+
+/// A count in `1..=max`.
+fn bounded(flag: &str, value: &str, max: usize) -> Result<usize, String> {
     match number::<usize>(flag, value)? {
         0 => Err(format!("{flag} must be at least 1")),
+        n if n > max => Err(format!("{flag} must be at most {max}, got {n}")),
         n => Ok(n),
     }
 }
@@ -254,6 +269,10 @@ mod tests {
             (&["--epochs"][..], "needs a value"),
             (&["--epochs", "ten"][..], "cannot read"),
             (&["--epochs", "0"][..], "at least 1"),
+            (&["--epochs", "100001"][..], "at most 100000"),
+            (&["--seeds", "18446744073709551615"][..], "at most 1000"),
+            (&["--hidden", "1152921504606846976"][..], "at most 4096"),
+            (&["--noise", &["0"; 21].join(",")][..], "at most 20 levels"),
             (&["--eps", "1.5"][..], "[0, 1)"),
             (&["--noise", "0,20"][..], "20% is 0.2"),
             (&["--test-fraction", "1"][..], "(0, 1)"),

@@ -165,13 +165,16 @@ impl Progress {
 fn run(o: &Options) -> Result<(), AppError> {
     let started = Instant::now();
     let data = data::load_gz(&o.data)?;
-    // Fail before training, not after, if the diagram's folder cannot be made.
+    // Fail before training, not after, if the diagram cannot be written: its folder is made and
+    // the file created now, and written when the results are in.
+    let write_error = |source| AppError::Write {
+        path: o.out.clone(),
+        source,
+    };
     if let Some(parent) = o.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|source| AppError::Write {
-            path: o.out.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(parent).map_err(write_error)?;
     }
+    let diagram = std::fs::File::create(&o.out).map_err(write_error)?;
     let methods = methods(o.eps);
     let config = TrainConfig {
         hidden: o.hidden,
@@ -280,7 +283,7 @@ fn run(o: &Options) -> Result<(), AppError> {
         println!("- {line}");
     }
 
-    write_diagram(o, &results, sizes.1)?;
+    write_diagram(o, &results, sizes.1, diagram)?;
     println!("\nReliability diagram: {}", relative(&o.out).display());
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -303,7 +306,12 @@ fn relative(path: &Path) -> &Path {
         .unwrap_or(path)
 }
 
-fn write_diagram(o: &Options, results: &Results, test_size: usize) -> Result<(), AppError> {
+fn write_diagram(
+    o: &Options,
+    results: &Results,
+    test_size: usize,
+    mut file: std::fs::File,
+) -> Result<(), AppError> {
     let panels: Vec<svg::Panel> = results
         .cells
         .iter()
@@ -335,12 +343,9 @@ fn write_diagram(o: &Options, results: &Results, test_size: usize) -> Result<(),
         ),
         &panels,
     );
-    let write_error = |source| AppError::Write {
-        path: o.out.clone(),
-        source,
-    };
-    if let Some(parent) = o.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(write_error)?;
-    }
-    std::fs::write(&o.out, document).map_err(write_error)
+    file.write_all(document.as_bytes())
+        .map_err(|source| AppError::Write {
+            path: o.out.clone(),
+            source,
+        })
 }
