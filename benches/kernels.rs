@@ -9,9 +9,8 @@
 //!   (read the logits, write the gradient): the yardstick every kernel is read against.
 //! - `forward/<backend>`, `forward_backward/<backend>`, `forward_backward_in_place/<backend>`
 //!   for `auto` and for each backend this CPU runs (`portable`, `avx2`, `avx512`).
-//! - `forward/reference`, `forward_backward/reference`: the scalar f64 reference, for shapes of
-//!   at most 16×32000 elements only (it is slow); set `SMOOTHCE_BENCH_REFERENCE=1` to run it on
-//!   the big shapes too.
+//! - `forward/reference`, `forward_backward/reference`: the scalar f64 reference, on every shape
+//!   (10 flat samples on the big ones, where one call takes a tenth of a second or more).
 //!
 //! Inputs are realistic and fixed: logits are normal with standard deviation 3 from a seeded
 //! PRNG, targets uniform over the classes, label smoothing `Uniform(0.1)`, `Reduction::Mean`.
@@ -48,12 +47,6 @@ const SHAPES: [(usize, usize); 5] = [
 /// Narrow rows on either side of the narrow kernel's limit (32 classes: one row per SIMD lane;
 /// 33: the row kernel), `forward_backward` only, to show where the narrow kernel stops paying.
 const NARROW_SHAPES: [(usize, usize); 2] = [(256, 32), (256, 33)];
-
-/// The scalar reference runs by default only on shapes of at most this many elements.
-const REFERENCE_LIMIT: usize = 16 * 32_000;
-
-/// Set (to anything but `0` or empty) to run the reference on every shape.
-const REFERENCE_ENV: &str = "SMOOTHCE_BENCH_REFERENCE";
 
 /// Shapes of more elements than this are measured with flat sampling and 10 samples (one
 /// iteration takes tens of milliseconds there).
@@ -107,10 +100,6 @@ impl Data {
     }
 }
 
-fn reference_everywhere() -> bool {
-    std::env::var(REFERENCE_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
 /// `"auto"`, `"portable"`, `"avx2"`, `"avx512"`.
 fn backend_name(backend: Backend) -> String {
     format!("{backend:?}").to_lowercase()
@@ -153,16 +142,14 @@ fn kernels(c: &mut Criterion) {
             forward_backward(&mut group, &mut data, &ce, &name);
             forward_backward_in_place(&mut group, &mut data, &ce, &name);
         }
-        if len <= REFERENCE_LIMIT || reference_everywhere() {
-            let ce = CrossEntropy::new(classes)
-                .smoothing(smoothing)
-                .reduction(Reduction::Mean);
-            if len > 100_000 {
-                // Tens of milliseconds per call: 10 samples are plenty for a ratio.
-                group.sampling_mode(SamplingMode::Flat).sample_size(10);
-            }
-            reference_benches(&mut group, &mut data, &ce);
+        let ce = CrossEntropy::new(classes)
+            .smoothing(smoothing)
+            .reduction(Reduction::Mean);
+        if len > 100_000 {
+            // Milliseconds or more per call: 10 samples are plenty for a ratio.
+            group.sampling_mode(SamplingMode::Flat).sample_size(10);
         }
+        reference_benches(&mut group, &mut data, &ce);
         group.finish();
     }
 }
