@@ -49,15 +49,15 @@ use crate::vector::MASK_CLASSES;
 use crate::vector::{MaskWords, Vector};
 use crate::Smoothing;
 
-/// Elements whose partial sums stay in f32 vector accumulators before they are flushed into f64.
-/// A multiple of `4 * LANES` for every backend, and small enough (16 KiB) to stay in L1 between the
-/// two block passes of the recompute strategy.
+/// The elements the loop drivers take at a time (see [`Op::BLOCK`]), and the block of the
+/// recompute strategy's two passes: a multiple of `4 * LANES` for every backend, and small enough
+/// (16 KiB) to stay in L1 between the two passes.
 pub(crate) const BLOCK: usize = 4096;
 
 /// Vectors added into one set of four f32 accumulators before they are flushed into f64: at most
 /// 16 additions per lane, so that even a row of identical values (each addition rounding the same
 /// way) keeps the sums within about 1e-6 relative.
-const FLUSH_VECTORS: u32 = 64;
+const FLUSH_VECTORS: usize = 64;
 
 /// Rows (or pieces) of more than 2^22 elements (16 MiB) store their out-of-place gradient with
 /// non-temporal stores where the backend has them (AVX2, AVX-512), skipping the read for
@@ -1043,7 +1043,10 @@ pub(crate) trait Op<V: Vector> {
     fn apply_tail(&mut self, offset: usize, z: V, v: V) -> V {
         self.apply(3, offset, z, v)
     }
-    /// Called after every [`BLOCK`] elements and at the end.
+    /// Elements between two calls of [`Op::end_block`]: a multiple of `4 * LANES` that divides
+    /// [`BLOCK`].
+    const BLOCK: usize = BLOCK;
+    /// Called after every [`Op::BLOCK`] elements and at the end.
     #[inline(always)]
     fn end_block(&mut self) {}
 }
@@ -1052,7 +1055,7 @@ pub(crate) trait Op<V: Vector> {
 #[inline(always)]
 fn fold<V: Vector, O: Op<V>>(src: &[f32], mut side: O::Side, tail_fill: f32, op: &mut O) {
     let mut offset = 0;
-    for block in src.chunks(BLOCK) {
+    for block in src.chunks(O::BLOCK) {
         let s = side.take(block.len());
         let (arrays, tail) = V::split(block);
         let (quads, rest) = arrays.as_chunks::<4>();
@@ -1129,7 +1132,7 @@ fn map_into<V: Vector, O: Op<V>>(
     // Blocks split off by hand: zipped `chunks` would call `Zip::new`, which divides by the chunk
     // size out of line, a panic path the host `no_panic` check finds.
     loop {
-        let n = src.len().min(BLOCK);
+        let n = src.len().min(O::BLOCK);
         let (Some((block, src_rest)), Some((out, dst_rest))) = (
             src.split_at_checked(n),
             core::mem::take(&mut dst).split_at_mut_checked(n),
@@ -1193,7 +1196,7 @@ fn map_in_place<V: Vector, O: Op<V>>(
             .store_tail(first);
     }
     let mut offset = head;
-    for block in buf.chunks_mut(BLOCK) {
+    for block in buf.chunks_mut(O::BLOCK) {
         let s = side.take(block.len());
         let (arrays, tail) = V::split_mut(block);
         let (quads, rest) = arrays.as_chunks_mut::<4>();
@@ -1602,8 +1605,6 @@ struct SumExp<'a, V: Vector, const MODE: u8, S> {
     aux_masked: V,
     /// Elements seen through the fast `apply` (all allowed).
     fast_count: u64,
-    /// Vectors added since the last flush.
-    pending: u32,
     total: Stats,
     /// The next block of the row, prefetched while this one is summed from L1 (see
     /// [`stats_inline`]).
@@ -1626,7 +1627,6 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
             aux_scaled: zero,
             aux_masked: zero,
             fast_count: 0,
-            pending: 0,
             total: Stats {
                 max,
                 // The whole vectors' count, known from the bits; the tail counts its own.
@@ -1708,13 +1708,12 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
 
 impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
     type Side = S;
+    /// The f32 accumulators are flushed into f64 every [`FLUSH_VECTORS`] vectors: the loop
+    /// drivers call [`Op::end_block`] there, so no vector pays for a count.
+    const BLOCK: usize = FLUSH_VECTORS * V::LANES;
 
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
-        self.pending += 1;
-        if self.pending == FLUSH_VECTORS {
-            self.end_block();
-        }
         if let Some(x) = self.ahead.get(offset) {
             V::prefetch(x);
         }
@@ -1743,7 +1742,6 @@ impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
 
     #[inline(always)]
     fn end_block(&mut self) {
-        self.pending = 0;
         let zero = V::splat(0.0);
         let t = &mut self.total;
         t.sum_exp += drain(&mut self.sum);
