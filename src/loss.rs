@@ -227,6 +227,22 @@ pub struct Extras<'o> {
 }
 
 /// What a `*_with` call returns besides the per-row outputs.
+///
+/// ```
+/// use smoothce::{CrossEntropy, Extras};
+/// let ce = CrossEntropy::new(2).ignore_index(9).z_loss(1e-2);
+/// let logits = [2.0_f32, 0.0, 2.0, 0.0, 0.0, 0.0];
+/// let mut losses = [0.0_f32; 3];
+/// let mut z = [0.0_f32; 3];
+/// // Row 0 is predicted right, row 1 wrong, row 2 is ignored.
+/// let s = ce.forward_with(&logits, &[0_u32, 1, 9], &mut losses,
+///     Extras { z_loss: Some(&mut z), ..Extras::default() })?;
+/// assert_eq!((s.rows, s.correct, s.denominator), (2, 1, 2.0));
+/// // The mean over the two counted rows, z-loss included and also reported on its own.
+/// assert!((s.loss - (losses[0] + losses[1]) / 2.0).abs() < 1e-6);
+/// assert!((s.z_loss - (z[0] + z[1]) / 2.0).abs() < 1e-7 && s.z_loss > 0.0);
+/// # Ok::<(), smoothce::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     /// The reduced loss (z-loss included), as the plain calls return it.

@@ -108,6 +108,25 @@ pub struct RowState {
 
 impl RowState {
     /// The state of an empty piece: the identity of [`merge`](Self::merge).
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Piece, RowState};
+    /// let ce = CrossEntropy::new(4);
+    /// let row = [0.5_f32, -1.0, 2.0, 0.25];
+    /// // State buffers start as EMPTY; piece_states overwrites them.
+    /// let mut pieces = [[RowState::EMPTY]; 2];
+    /// ce.piece_states(&row[..2], Piece { offset: 0, width: 2 }, &[2_u32], &mut pieces[0])?;
+    /// ce.piece_states(&row[2..], Piece { offset: 2, width: 2 }, &[2_u32], &mut pieces[1])?;
+    /// assert_ne!(pieces[0][0], RowState::EMPTY);
+    /// // Merging EMPTY changes nothing, so a reduction over the pieces can start from it.
+    /// assert_eq!(pieces[1][0].merge(RowState::EMPTY), pieces[1][0]);
+    /// let merged = pieces.iter().fold(RowState::EMPTY, |acc, p| acc.merge(p[0]));
+    /// assert_eq!(merged, pieces[0][0].merge(pieces[1][0]));
+    /// let lse = row.iter().map(|&z| f64::from(z).exp()).sum::<f64>().ln();
+    /// assert!((merged.lse() - lse).abs() < 1e-6);
+    /// assert_eq!(RowState::EMPTY.lse(), f64::NEG_INFINITY);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
     pub const EMPTY: RowState = RowState {
         stats: Stats::EMPTY,
         target_logit: None,

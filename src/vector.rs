@@ -161,7 +161,9 @@ pub(crate) trait Vector: Copy {
 
 /// `(stride, j)` as i32 if column `j` of `lanes` rows of `stride` elements lies inside a slice of
 /// `len` elements with every offset `i * stride + j` (`i < lanes`) in i32: what the x86 gathers
-/// and scatters check before they touch memory.
+/// and scatters check before they touch memory. Only x86_64 has those: elsewhere the default
+/// [`Vector::gather_column`] and [`Vector::scatter_column_where`] walk the lanes.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn column_fits(len: usize, stride: usize, j: usize, lanes: usize) -> Option<(i32, i32)> {
     let span = stride.checked_mul(lanes)?;

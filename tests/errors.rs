@@ -1,13 +1,17 @@
-//! Every `Error` the API can return, from a table: the exact error value from each entry point
-//! (and from the reference, which documents the same checks), a non-empty `Display`, and nothing
-//! written: `losses`, `grad` and the in-place `logits` keep their sentinel contents bit for bit.
-//! Also the edge arguments that must be accepted, and `BackendUnavailable` for whichever backends
-//! this machine lacks.
+//! Every `Error` the API can return, from two tables: the exact error value from each entry point
+//! that can return it (and from the reference, which documents the same checks), a non-empty
+//! `Display`, and nothing written: `losses`, `grad`, the in-place `logits`, the extras, the piece
+//! states and exps keep their sentinel contents bit for bit. The first table runs the three plain
+//! calls; the second the `*_with` calls, `finish_states` and the six piece calls (soft targets,
+//! extras, per-row scales, pieces and their states). Also the edge arguments that must be
+//! accepted, and `BackendUnavailable` for whichever backends this machine lacks.
 
 mod common;
 
 use common::{backends, bits, Entry};
-use smoothce::{reference, Backend, CrossEntropy, Error, Reduction, Smoothing};
+use smoothce::{
+    reference, Backend, CrossEntropy, Error, Extras, Piece, Reduction, RowState, Smoothing, Targets,
+};
 
 /// One rejected call: a configuration and buffer shapes with exactly one fault.
 struct Case {
@@ -59,6 +63,10 @@ fn same(a: &Error, b: &Error) -> bool {
             Error::InvalidWeight { class: c, value: x },
             Error::InvalidWeight { class: d, value: y },
         ) => c == d && x.to_bits() == y.to_bits(),
+        (
+            Error::InvalidRowScale { row: r, value: x },
+            Error::InvalidRowScale { row: q, value: y },
+        ) => r == q && x.to_bits() == y.to_bits(),
         _ => a == b,
     }
 }
@@ -361,22 +369,24 @@ fn reject(case: &Case, ce: &CrossEntropy<'_>, entry: Entry) {
         }
         Entry::InPlace => ce.forward_backward_in_place(&mut in_place, &case.targets, &mut losses),
     };
+    expect_error(&ctx, result.map(|v| format!("{v}")), &case.want);
+    assert_eq!(bits(&losses), losses_before, "{ctx}: losses written");
+    assert_eq!(bits(&grad), grad_before, "{ctx}: grad written");
+    assert_eq!(bits(&in_place), logits_before, "{ctx}: logits written");
+}
+
+/// Checks that a call was rejected with exactly `want` (`Ok` carries what it returned instead),
+/// and the error's `Display`, `Debug` and `source`.
+fn expect_error(ctx: &str, result: Result<String, Error>, want: &Error) {
     let err = match result {
         Ok(v) => panic!("{ctx}: accepted, returned {v}"),
         Err(e) => e,
     };
-    assert!(
-        same(&err, &case.want),
-        "{ctx}: got {err:?}, expected {:?}",
-        case.want
-    );
+    assert!(same(&err, want), "{ctx}: got {err:?}, expected {want:?}");
     assert!(!err.to_string().is_empty(), "{ctx}: empty Display");
     assert!(!format!("{err:?}").is_empty(), "{ctx}: empty Debug");
     let as_std: &dyn std::error::Error = &err;
     assert!(as_std.source().is_none(), "{ctx}: unexpected source");
-    assert_eq!(bits(&losses), losses_before, "{ctx}: losses written");
-    assert_eq!(bits(&grad), grad_before, "{ctx}: grad written");
-    assert_eq!(bits(&in_place), logits_before, "{ctx}: logits written");
 }
 
 /// The table: every case, through each entry point it applies to, on every available backend.
@@ -421,6 +431,563 @@ fn reference_reports_the_same_errors() {
             );
         }
     }
+}
+
+/// The entry points beyond the three plain calls, and the reference's `*_with` calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    ForwardWith,
+    ForwardBackwardWith,
+    InPlaceWith,
+    ReferenceForwardWith,
+    ReferenceForwardBackwardWith,
+    FinishStates,
+    PieceStates,
+    PieceBackward,
+    PieceBackwardInPlace,
+    PieceStatesAndExps,
+    PieceStatesAndExpsInPlace,
+    PieceBackwardFromExps,
+}
+
+/// The `*_with` calls (the reference's included) and `finish_states`: every call that takes
+/// [`Extras`].
+const WITH_AND_FINISH: &[Call] = &[
+    Call::ForwardWith,
+    Call::ForwardBackwardWith,
+    Call::InPlaceWith,
+    Call::ReferenceForwardWith,
+    Call::ReferenceForwardBackwardWith,
+    Call::FinishStates,
+];
+/// The six calls that take a [`Piece`].
+const PIECES: &[Call] = &[
+    Call::PieceStates,
+    Call::PieceBackward,
+    Call::PieceBackwardInPlace,
+    Call::PieceStatesAndExps,
+    Call::PieceStatesAndExpsInPlace,
+    Call::PieceBackwardFromExps,
+];
+/// Every call that takes [`Targets`].
+const ALL_WITH: &[Call] = &[
+    Call::ForwardWith,
+    Call::ForwardBackwardWith,
+    Call::InPlaceWith,
+    Call::ReferenceForwardWith,
+    Call::ReferenceForwardBackwardWith,
+    Call::FinishStates,
+    Call::PieceStates,
+    Call::PieceBackward,
+    Call::PieceBackwardInPlace,
+    Call::PieceStatesAndExps,
+    Call::PieceStatesAndExpsInPlace,
+    Call::PieceBackwardFromExps,
+];
+/// The calls that store piece exps (and refuse a soft-cap).
+const STORED_EXPS: &[Call] = &[
+    Call::PieceStatesAndExps,
+    Call::PieceStatesAndExpsInPlace,
+    Call::PieceBackwardFromExps,
+];
+
+impl Call {
+    fn is_piece(self) -> bool {
+        PIECES.contains(&self)
+    }
+
+    fn is_reference(self) -> bool {
+        matches!(
+            self,
+            Call::ReferenceForwardWith | Call::ReferenceForwardBackwardWith
+        )
+    }
+}
+
+/// Targets owned by a case.
+enum OwnedTargets {
+    Class(Vec<u32>),
+    Soft(Vec<f32>),
+}
+
+impl OwnedTargets {
+    fn get(&self) -> Targets<'_> {
+        match self {
+            OwnedTargets::Class(t) => Targets::U32(t),
+            OwnedTargets::Soft(t) => Targets::Soft(t),
+        }
+    }
+}
+
+/// One rejected call of the second table: a configuration, targets, extras and a piece with
+/// exactly one fault, and the calls that must report it.
+struct WithCase {
+    name: &'static str,
+    ce: CrossEntropy<'static>,
+    targets: OwnedTargets,
+    /// The rows of `losses` and of the piece states.
+    rows: usize,
+    /// The piece of the piece calls (the whole row unless the case says otherwise).
+    piece: Piece,
+    /// The lengths of the `lse`, `z_loss` and `correct` extras, when given.
+    lse: Option<usize>,
+    z_loss: Option<usize>,
+    correct: Option<usize>,
+    row_scales: Option<Vec<f32>>,
+    /// The piece's own and the merged states for `piece_backward_from_exps` (sentinel states,
+    /// equal to each other, unless given).
+    own_merged: Option<(Vec<RowState>, Vec<RowState>)>,
+    entries: &'static [Call],
+    want: Error,
+}
+
+impl WithCase {
+    /// `rows` class targets of 0 over `ce`'s classes, the whole row as the piece, no extras.
+    fn new(
+        name: &'static str,
+        ce: CrossEntropy<'static>,
+        rows: usize,
+        entries: &'static [Call],
+        want: Error,
+    ) -> Self {
+        WithCase {
+            name,
+            ce,
+            targets: OwnedTargets::Class(vec![0; rows]),
+            rows,
+            piece: Piece {
+                offset: 0,
+                width: ce.classes(),
+            },
+            lse: None,
+            z_loss: None,
+            correct: None,
+            row_scales: None,
+            own_merged: None,
+            entries,
+            want,
+        }
+    }
+}
+
+/// A state no call of these tests produces, different for each `i`: output buffers start as
+/// these, so that any write shows.
+fn sentinel_state(i: usize) -> RowState {
+    RowState::from_words([
+        i as f64 + 0.5,
+        3.25,
+        -7.5,
+        11.0,
+        0.125,
+        0.375,
+        0.0625,
+        2.0 + 4.0 * 777.0,
+    ])
+}
+
+fn sentinel_states(n: usize) -> Vec<RowState> {
+    (0..n).map(sentinel_state).collect()
+}
+
+/// The bits of states, for exact comparisons.
+fn state_bits(states: &[RowState]) -> Vec<[u64; 8]> {
+    states
+        .iter()
+        .map(|s| s.to_words().map(f64::to_bits))
+        .collect()
+}
+
+/// A valid-looking state of a piece with `allowed` classes and max `max`.
+fn state(max: f64, allowed: f64) -> RowState {
+    RowState::from_words([max, 1.5, -0.5, allowed, 0.0, 0.0, 0.0, 0.0])
+}
+
+/// Valid class weights for three classes.
+const WEIGHTS: [f32; 3] = [1.0, 2.0, 3.0];
+
+#[allow(clippy::too_many_lines)]
+fn with_cases() -> Vec<WithCase> {
+    let base = CrossEntropy::new(3);
+    let mut cases = Vec::new();
+    // Soft targets whose length is not a multiple of K: every call that takes targets.
+    for actual in [1, 5, 7] {
+        cases.push(WithCase {
+            targets: OwnedTargets::Soft(vec![0.25; actual]),
+            ..WithCase::new(
+                "soft targets length",
+                base,
+                2,
+                ALL_WITH,
+                Error::TargetsLength {
+                    expected_multiple_of: 3,
+                    actual,
+                },
+            )
+        });
+    }
+    // Extras of the wrong length: every call that takes extras. The first bad one (in the order
+    // lse, z_loss, correct, row_scales) is reported.
+    let extras_length = |extra, lse, z_loss, correct, row_scales: Option<usize>, actual| WithCase {
+        lse,
+        z_loss,
+        correct,
+        row_scales: row_scales.map(|n| vec![1.0; n]),
+        ..WithCase::new(
+            "extras length",
+            base.reduction(Reduction::None),
+            2,
+            WITH_AND_FINISH,
+            Error::ExtrasLength {
+                extra,
+                expected: 2,
+                actual,
+            },
+        )
+    };
+    cases.extend([
+        extras_length("lse", Some(3), None, None, None, 3),
+        extras_length("lse", Some(0), Some(2), Some(2), Some(2), 0),
+        extras_length("z_loss", Some(2), Some(1), Some(5), None, 1),
+        extras_length("correct", None, None, Some(3), Some(9), 3),
+        extras_length("row_scales", Some(2), Some(2), Some(2), Some(1), 1),
+    ]);
+    // row_scales of the wrong length are reported before the reduction is checked.
+    cases.push(WithCase {
+        row_scales: Some(vec![1.0; 3]),
+        ..WithCase::new(
+            "row scales length with a mean",
+            base,
+            2,
+            WITH_AND_FINISH,
+            Error::ExtrasLength {
+                extra: "row_scales",
+                expected: 2,
+                actual: 3,
+            },
+        )
+    });
+    // A non-finite per-row upstream gradient (the first one is reported).
+    let bad_scales = [
+        (vec![1.0, f32::NAN], 1),
+        (vec![f32::INFINITY, f32::NAN], 0),
+        (vec![0.5, -2.0, f32::NEG_INFINITY], 2),
+    ];
+    for (scales, row) in bad_scales {
+        let rows = scales.len();
+        let value = scales[row];
+        cases.push(WithCase {
+            row_scales: Some(scales),
+            ..WithCase::new(
+                "invalid row scale",
+                base.reduction(Reduction::None),
+                rows,
+                WITH_AND_FINISH,
+                Error::InvalidRowScale { row, value },
+            )
+        });
+    }
+    // Pieces that do not fit in the row: the piece calls (finish_states has no piece).
+    let bad_pieces = [
+        (2, 3),
+        (0, 5),
+        (4, 1),
+        (5, 0),
+        (usize::MAX, 2),
+        (1, usize::MAX),
+    ];
+    for (offset, width) in bad_pieces {
+        cases.push(WithCase {
+            piece: Piece { offset, width },
+            ..WithCase::new(
+                "piece out of range",
+                CrossEntropy::new(4),
+                2,
+                PIECES,
+                Error::PieceOutOfRange {
+                    offset,
+                    width,
+                    classes: 4,
+                },
+            )
+        });
+    }
+    // A piece's own state that cannot be part of the merged one: more allowed classes, a greater
+    // max, or invalid (NaN) against a valid merge.
+    let invalid = RowState::from_words([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+    let mismatches = [
+        (
+            vec![RowState::EMPTY, state(1.0, 3.0)],
+            vec![RowState::EMPTY, RowState::EMPTY],
+            1,
+        ),
+        (vec![state(5.0, 2.0)], vec![state(4.0, 3.0)], 0),
+        (
+            vec![state(1.0, 1.0), invalid],
+            vec![state(1.0, 3.0), state(1.0, 3.0)],
+            1,
+        ),
+    ];
+    for (own, merged, row) in mismatches {
+        let rows = own.len();
+        cases.push(WithCase {
+            own_merged: Some((own, merged)),
+            ..WithCase::new(
+                "state mismatch",
+                base,
+                rows,
+                &[Call::PieceBackwardFromExps],
+                Error::StateMismatch { row },
+            )
+        });
+    }
+    // Own states of another length than the merged ones.
+    cases.push(WithCase {
+        own_merged: Some((vec![RowState::EMPTY; 3], vec![RowState::EMPTY; 2])),
+        ..WithCase::new(
+            "own states length",
+            base,
+            2,
+            &[Call::PieceBackwardFromExps],
+            Error::LossesLength {
+                expected: 2,
+                actual: 3,
+            },
+        )
+    });
+    // The combinations these calls refuse.
+    let soft = [
+        (base.ignore_index(1), "an ignore index with soft targets"),
+        (
+            base.smoothing(Smoothing::OffTarget(0.1)),
+            "off-target smoothing with soft targets",
+        ),
+        (
+            base.class_weights(&WEIGHTS),
+            "class weights with soft targets",
+        ),
+        (
+            base.target_weights(&WEIGHTS),
+            "class weights with soft targets",
+        ),
+    ];
+    for (ce, what) in soft {
+        cases.push(WithCase {
+            targets: OwnedTargets::Soft(vec![0.0, 1.0, 0.0, 0.5, 0.5, 0.0]),
+            ..WithCase::new(
+                "unsupported with soft targets",
+                ce,
+                2,
+                ALL_WITH,
+                Error::Unsupported { what },
+            )
+        });
+    }
+    cases.push(WithCase {
+        row_scales: Some(vec![1.0, 2.0]),
+        ..WithCase::new(
+            "row scales with a mean",
+            base,
+            2,
+            WITH_AND_FINISH,
+            Error::Unsupported {
+                what: "per-row upstream gradients with a reduction other than None",
+            },
+        )
+    });
+    cases.push(WithCase::new(
+        "soft-cap with stored exps",
+        base.softcap(30.0),
+        2,
+        STORED_EXPS,
+        Error::Unsupported {
+            what: "a soft-cap with stored piece exps (use piece_states and piece_backward)",
+        },
+    ));
+    cases.push(WithCase {
+        targets: OwnedTargets::Soft(vec![0.0, 1.0, 0.0, 0.5, 0.5, 0.0]),
+        correct: Some(2),
+        ..WithCase::new(
+            "soft-target correctness from states",
+            base,
+            2,
+            &[Call::FinishStates],
+            Error::Unsupported {
+                what: "per-row correctness of soft targets from piece states",
+            },
+        )
+    });
+    cases
+}
+
+/// Runs one rejected call of the second table through `entry` and checks the error and that no
+/// buffer the call could write was written.
+#[allow(clippy::too_many_lines)]
+fn reject_with(case: &WithCase, ce: &CrossEntropy<'_>, entry: Call) {
+    let ctx = format!("{} ({ce:?}, {entry:?})", case.name);
+    let width = if entry.is_piece() {
+        case.piece.width
+    } else {
+        ce.classes()
+    };
+    // Out-of-range pieces may be wider than anything allocatable: their calls fail before any
+    // length is looked at, so any buffer does.
+    let n = case
+        .rows
+        .checked_mul(width)
+        .filter(|&n| n <= 1 << 16)
+        .unwrap_or(4);
+    let logits = sentinels(n, 1);
+    let mut in_place = logits.clone();
+    let mut grad = sentinels(n, 3);
+    let mut losses = sentinels(case.rows, 2);
+    let mut lse = case.lse.map(|len| sentinels(len, 4));
+    let mut z_loss = case.z_loss.map(|len| sentinels(len, 5));
+    let mut correct: Option<Vec<bool>> = case
+        .correct
+        .map(|len| (0..len).map(|i| i % 3 == 1).collect());
+    let mut states = sentinel_states(case.rows);
+    let (own, merged) = case
+        .own_merged
+        .clone()
+        .unwrap_or_else(|| (sentinel_states(case.rows), sentinel_states(case.rows)));
+    let before = (
+        bits(&logits),
+        bits(&grad),
+        bits(&losses),
+        lse.as_deref().map(bits),
+        z_loss.as_deref().map(bits),
+        correct.clone(),
+        state_bits(&states),
+    );
+    let targets = case.targets.get();
+    let piece = case.piece;
+    let extras = Extras {
+        lse: lse.as_deref_mut(),
+        z_loss: z_loss.as_deref_mut(),
+        correct: correct.as_deref_mut(),
+        row_scales: case.row_scales.as_deref(),
+    };
+    let summary = |s: smoothce::Summary| format!("{s:?}");
+    let unit = |()| "()".to_string();
+    let result = match entry {
+        Call::ForwardWith => ce
+            .forward_with(&logits, targets, &mut losses, extras)
+            .map(summary),
+        Call::ForwardBackwardWith => ce
+            .forward_backward_with(&logits, targets, &mut losses, &mut grad, extras)
+            .map(summary),
+        Call::InPlaceWith => ce
+            .forward_backward_in_place_with(&mut in_place, targets, &mut losses, extras)
+            .map(summary),
+        Call::ReferenceForwardWith => {
+            reference::forward_with(ce, &logits, targets, &mut losses, extras).map(summary)
+        }
+        Call::ReferenceForwardBackwardWith => {
+            reference::forward_backward_with(ce, &logits, targets, &mut losses, &mut grad, extras)
+                .map(summary)
+        }
+        Call::FinishStates => ce
+            .finish_states(&merged, targets, &mut losses, extras)
+            .map(summary),
+        Call::PieceStates => ce
+            .piece_states(&logits, piece, targets, &mut states)
+            .map(unit),
+        Call::PieceBackward => ce
+            .piece_backward(&logits, piece, targets, &merged, &mut grad)
+            .map(unit),
+        Call::PieceBackwardInPlace => ce
+            .piece_backward_in_place(&mut in_place, piece, targets, &merged)
+            .map(unit),
+        Call::PieceStatesAndExps => ce
+            .piece_states_and_exps(&logits, piece, targets, &mut states, &mut grad)
+            .map(unit),
+        Call::PieceStatesAndExpsInPlace => ce
+            .piece_states_and_exps_in_place(&mut in_place, piece, targets, &mut states)
+            .map(unit),
+        Call::PieceBackwardFromExps => ce
+            .piece_backward_from_exps(&mut in_place, piece, targets, &own, &merged)
+            .map(unit),
+    };
+    expect_error(&ctx, result, &case.want);
+    let after = (
+        bits(&in_place),
+        bits(&grad),
+        bits(&losses),
+        lse.as_deref().map(bits),
+        z_loss.as_deref().map(bits),
+        correct,
+        state_bits(&states),
+    );
+    assert_eq!(after.0, before.0, "{ctx}: logits written");
+    assert_eq!(after.1, before.1, "{ctx}: grad (or exps) written");
+    assert_eq!(after.2, before.2, "{ctx}: losses written");
+    assert_eq!(after.3, before.3, "{ctx}: extras.lse written");
+    assert_eq!(after.4, before.4, "{ctx}: extras.z_loss written");
+    assert_eq!(after.5, before.5, "{ctx}: extras.correct written");
+    assert_eq!(after.6, before.6, "{ctx}: states written");
+}
+
+/// The second table: every case, through each call it applies to, on every available backend
+/// (the reference once).
+#[test]
+fn every_error_of_the_with_and_piece_calls_is_reported_exactly_and_nothing_is_written() {
+    let cases = with_cases();
+    assert!(cases.len() > 25);
+    for case in &cases {
+        assert!(!case.entries.is_empty(), "{}", case.name);
+        for (b, backend) in backends().into_iter().enumerate() {
+            let ce = case.ce.backend(backend);
+            for &entry in case.entries {
+                if b == 0 || !entry.is_reference() {
+                    reject_with(case, &ce, entry);
+                }
+            }
+        }
+    }
+}
+
+/// Every variant of `Error` has rows in the tables above (`BackendUnavailable` only where this
+/// machine lacks a backend: see `unavailable_backends_are_reported`).
+#[test]
+fn every_variant_is_in_a_table() {
+    let name = |e: &Error| {
+        let debug = format!("{e:?}");
+        debug
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let covered: std::collections::BTreeSet<String> = cases()
+        .iter()
+        .map(|c| name(&c.want))
+        .chain(with_cases().iter().map(|c| name(&c.want)))
+        .collect();
+    let all = [
+        "ZeroClasses",
+        "OffTargetNeedsTwoClasses",
+        "InvalidSmoothing",
+        "LogitsLength",
+        "LossesLength",
+        "GradLength",
+        "TargetOutOfRange",
+        "SizeOverflow",
+        "TargetsLength",
+        "WeightsLength",
+        "InvalidWeight",
+        "InvalidOption",
+        "MaskLength",
+        "MaskAllowsNoClass",
+        "ExtrasLength",
+        "InvalidRowScale",
+        "PieceOutOfRange",
+        "StateMismatch",
+        "Unsupported",
+    ];
+    for variant in all {
+        assert!(covered.contains(variant), "no table row for {variant}");
+    }
+    assert_eq!(covered.len(), all.len(), "{covered:?}");
 }
 
 /// Each variant's `Display` names the offending numbers.
@@ -472,6 +1039,36 @@ fn display_names_the_values() {
             "Avx512",
         ),
         (Error::StateMismatch { row: 31 }, "31"),
+        (
+            Error::TargetsLength {
+                expected_multiple_of: 3,
+                actual: 17,
+            },
+            "17",
+        ),
+        (
+            Error::ExtrasLength {
+                extra: "row_scales",
+                expected: 4,
+                actual: 9,
+            },
+            "row_scales",
+        ),
+        (
+            Error::InvalidRowScale {
+                row: 5,
+                value: f32::INFINITY,
+            },
+            "inf",
+        ),
+        (
+            Error::PieceOutOfRange {
+                offset: 123,
+                width: 45,
+                classes: 100,
+            },
+            "123",
+        ),
     ];
     for (err, needle) in shown {
         let text = err.to_string();
@@ -553,6 +1150,16 @@ fn unavailable_backends_are_reported() {
             );
             for entry in Entry::ALL {
                 reject(&case, &ce, entry);
+            }
+            let case = WithCase::new(
+                "backend unavailable",
+                ce,
+                2,
+                ALL_WITH,
+                Error::BackendUnavailable { backend },
+            );
+            for &entry in ALL_WITH.iter().filter(|e| !e.is_reference()) {
+                reject_with(&case, &ce, entry);
             }
         }
     }

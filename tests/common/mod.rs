@@ -202,55 +202,6 @@ pub struct Expected {
     /// How far the kernel's reduced loss may be from `total`: the row tolerances, reduced the same
     /// way, plus one f32 rounding.
     pub total_tolerance: f64,
-    /// Extra absolute error allowed per row loss by [`TOLERATE_OFF_TARGET_CANCELLATION`] (0 for
-    /// every row outside that known defect).
-    pub loss_slack: Vec<f64>,
-}
-
-/// A known defect of the kernels (see the ignored test `off_target_cancellation_loses_accuracy`
-/// in `properties.rs`): with off-target smoothing and `eps > (n - 1) / n` (`n` allowed classes)
-/// the target's coefficient `on` in the kernels' loss form `on (m - z_y) + ... - per S` is
-/// negative, and `on (m - z_y)` (exact, in f64) cancels against the target's share of `per S`,
-/// whose `z_y - m` was rounded to f32. The row loss is then off by up to
-/// `per * ulp(z_y - m) / 2` (about `8e-6` for `K = 2` and a spread of 100), beyond the
-/// documented `2e-6` when the loss is small.
-///
-/// While this is `true`, the reference comparisons allow rows in exactly that case an extra
-/// absolute loss error of one f32 rounding of the target's term, `per * 2^-23 * |z_y - m|`, and
-/// nothing else changes; the property tests then keep testing everything else without flaking.
-/// Set it to `false` once the kernels are fixed.
-pub const TOLERATE_OFF_TARGET_CANCELLATION: bool = false;
-
-/// A second known defect (see the ignored test `repeated_logits_lose_accuracy` in
-/// `properties.rs`): the kernels add up to 128 values in one f32 lane accumulator before
-/// flushing to f64 (64 with AVX-512). On random rows the rounding errors cancel, but when one
-/// value repeats thousands of times (quantised logits, `ln q`) every addition rounds the same
-/// way. The exp sum `s` suffers most: the lane holding the max's `exp(0) = 1` rounds each of its
-/// next 127 small additions by up to half an ulp of 1, so `s` can be off by about `7.6e-6`
-/// absolute, and with it the loss (`ln s`) and the gradient (`p = e / s`): plain cross-entropy on
-/// `[0, t, t, ..., t]`, `K = 4096`, is off by `7.5e-6` (portable, AVX2) and `3.7e-6` (AVX-512),
-/// beyond the documented `2e-6`. The shifted sum `S` loses up to `2e-6` relative the same way.
-///
-/// While this is `true`, the oracle test whose long rows repeat one value (`ln q`) allows four
-/// times the tolerances on rows longer than 1000; nothing else is relaxed. Set it to `false`
-/// once the kernels are fixed.
-pub const TOLERATE_REPEATED_VALUE_SUMS: bool = false;
-
-/// The extra loss error [`TOLERATE_OFF_TARGET_CANCELLATION`] allows on row `z` with target `y`.
-fn cancellation_slack(z: &[f32], y: usize, smoothing: Smoothing) -> f64 {
-    if !TOLERATE_OFF_TARGET_CANCELLATION || !matches!(smoothing, Smoothing::OffTarget(_)) {
-        return 0.0;
-    }
-    if z.iter().any(|v| v.is_nan() || *v == f32::INFINITY) || z[y] == f32::NEG_INFINITY {
-        return 0.0;
-    }
-    let allowed = z.iter().filter(|v| **v != f32::NEG_INFINITY).count() as u64;
-    let (on, per) = smoothing.coefficients(allowed, true);
-    if on >= 0.0 {
-        return 0.0;
-    }
-    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    per * f64::from(f32::EPSILON) * (f64::from(m) - f64::from(z[y]))
 }
 
 /// The reference results of `ce` on a batch, row by row with [`reference::row`].
@@ -260,14 +211,12 @@ pub fn expected(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) -> Expec
     let mut losses = Vec::with_capacity(targets.len());
     let mut grad = vec![0.0_f64; logits.len()];
     let mut ignored = Vec::with_capacity(targets.len());
-    let mut loss_slack = vec![0.0_f64; targets.len()];
     for (i, (z, &t)) in logits.chunks_exact(k).zip(targets).enumerate() {
         if Some(t) == ce.ignore_index_config() {
             losses.push(0.0);
             ignored.push(true);
             continue;
         }
-        loss_slack[i] = cancellation_slack(z, t as usize, smoothing);
         let g = &mut grad[i * k..(i + 1) * k];
         let loss = reference::row(z, t as usize, smoothing, Some(g))
             .unwrap_or_else(|e| panic!("reference rejected row {i}: {e}"));
@@ -279,9 +228,8 @@ pub fn expected(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) -> Expec
     let slack: f64 = losses
         .iter()
         .zip(&ignored)
-        .zip(&loss_slack)
-        .filter(|((_, &i), _)| !i)
-        .map(|((l, _), slack)| LOSS_TOLERANCE * l.abs().max(1.0) + slack)
+        .filter(|(_, &i)| !i)
+        .map(|(l, _)| LOSS_TOLERANCE * l.abs().max(1.0))
         .sum();
     let (total, total_tolerance, scale) = match ce.reduction_config() {
         Reduction::Mean if counted == 0 => (0.0, 0.0, 1.0),
@@ -298,7 +246,6 @@ pub fn expected(ce: &CrossEntropy<'_>, logits: &[f32], targets: &[u32]) -> Expec
         scale,
         total,
         total_tolerance: total_tolerance + f64::from(f32::EPSILON) * total.abs(),
-        loss_slack,
     }
 }
 
@@ -357,14 +304,8 @@ pub fn check(out: &Output, want: &Expected, k: usize) -> Result<(), String> {
             if got != 0.0 {
                 report.fail(|| format!("ignored row {i}: loss {got}, not 0"));
             }
-        } else {
-            let within_slack = w.is_finite()
-                && got.is_finite()
-                && (f64::from(got) - w).abs()
-                    <= LOSS_TOLERANCE * w.abs().max(1.0) + want.loss_slack[i];
-            if !reference::agrees(got, w, LOSS_TOLERANCE) && !within_slack {
-                report.fail(|| format!("row {i}: loss {got}, reference {w}"));
-            }
+        } else if !reference::agrees(got, w, LOSS_TOLERANCE) {
+            report.fail(|| format!("row {i}: loss {got}, reference {w}"));
         }
     }
     if !total_agrees(out.total, want) {
