@@ -31,8 +31,8 @@
 //!   pieces are held anyway (tensor-parallel shards). On one device, going through all three steps
 //!   a tile of rows at a time (tiles whose buffers fit in L2: logits and exps, or the logits alone
 //!   in place; use [`mean_denominator`](CrossEntropy::mean_denominator) so that the tiles' losses
-//!   add up) keeps the exps cached until step 3 reads them: 8 pieces then cost about 10% more
-//!   than the unsplit call (1-13% across runs, in place or not). `BENCHMARKS.md` has the figures.
+//!   add up) keeps the exps cached until step 3 reads them: 8 pieces then take 0.87-1.19x the
+//!   unsplit call (across shapes and runs, in place or not). `BENCHMARKS.md` has the figures.
 //!
 //! The smoothing always uses the global number of classes `K` (and the global count of allowed
 //! classes when some are masked), never the piece's: Megatron-LM's local-`K` bug cannot happen.
