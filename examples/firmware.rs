@@ -3,8 +3,9 @@
 //! Everything has a fixed size known at compile time. The model and all the buffers of a training
 //! step live in `static`s (behind a `std::sync::Mutex` here; on a microcontroller, a
 //! critical-section mutex such as `critical_section::Mutex<RefCell<_>>`); the training step
-//! allocates nothing (a test counts the allocations it makes: zero) and uses only `core`. A linear classifier (4 sensor features, 3 classes) learns from a simulated
-//! sensor stream; `forward_backward_in_place` turns the logits buffer into the gradient, so one
+//! allocates nothing (a test counts the allocations it makes: zero) and uses only `core`. A linear
+//! classifier (4 sensor features, 3 classes) learns from a simulated sensor stream;
+//! `forward_backward_in_place` turns the logits buffer into the gradient, so one
 //! `[f32; BATCH * CLASSES]` buffer serves both. Batches that arrive short are padded with rows
 //! whose target is the ignore index: they cost nothing and do not dilute the mean.
 //!
@@ -270,15 +271,16 @@ mod tests {
         let ce = CrossEntropy::new(CLASSES)
             .smoothing(Smoothing::Uniform(0.05))
             .ignore_index(PAD);
-        let mut model = Linear::new();
-        let mut ws = Workspace::new();
+        // The statics `main` trains in (this test is the only one that takes them).
+        let (mut model_guard, mut ws_guard) = (lock(&MODEL), lock(&WORKSPACE));
+        let (model, ws) = (&mut *model_guard, &mut *ws_guard);
         let mut rng = XorShift32(0x2545_F491);
         let (mut first, mut last) = (0.0, 0.0);
         let before = allocations();
         for step in 1..=STEPS {
             let valid = if step % 5 == 0 { 5 } else { BATCH };
-            read_sensor(&mut ws, &mut rng, valid);
-            let loss = train_step(&mut model, &mut ws, &ce).unwrap();
+            read_sensor(ws, &mut rng, valid);
+            let loss = train_step(model, ws, &ce).unwrap();
             if step <= 10 {
                 first += loss;
             } else if step > STEPS - 10 {
@@ -288,8 +290,8 @@ mod tests {
         assert_eq!(allocations() - before, 0, "the training loop allocated");
         assert!(last < 0.7 * first, "mean loss {first} -> {last}");
         // Padding rows: loss 0 and an all-zero gradient row.
-        read_sensor(&mut ws, &mut rng, 5);
-        train_step(&mut model, &mut ws, &ce).unwrap();
+        read_sensor(ws, &mut rng, 5);
+        train_step(model, ws, &ce).unwrap();
         assert_eq!(ws.losses[5..], [0.0; BATCH - 5]);
         assert!(ws.logits[5 * CLASSES..].iter().all(|&g| g == 0.0));
     }

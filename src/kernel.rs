@@ -22,8 +22,8 @@
 //! Every loss option reduces to four per-row coefficients (see [`Coefficients`]):
 //! `loss = A ln s + B (m - t_y) - C sum v (t - m) - D sum (t - m)` and
 //! `dloss/dt_k = A' p_k - B [k = y] - C v_k - D`, with `A' = A + 2 lambda lse` for the z-loss.
-//! Sums run in four independent vector accumulators and are flushed to f64 every [`BLOCK`]
-//! elements. The target's gradient is formed in f64 from `z_y`, never by cancellation.
+//! Sums run in four independent vector accumulators and are flushed to f64 every
+//! [`FLUSH_VECTORS`] vectors. The target's gradient is formed in f64 from `z_y`, never by cancellation.
 //!
 //! Rows with a `-inf` logit or a range so wide that `t - m` could overflow take the *careful*
 //! variant: masked lanes are excluded by selects, the shifted sums are accumulated pre-scaled by
@@ -54,8 +54,8 @@ use crate::Smoothing;
 /// (16 KiB) to stay in L1 between the two passes.
 pub(crate) const BLOCK: usize = 4096;
 
-/// Vectors added into one set of four f32 accumulators before they are flushed into f64: at most
-/// 16 additions per lane, so that even a row of identical values (each addition rounding the same
+/// Vectors added into one set of four f32 accumulators before they are flushed into f64: about 16
+/// additions per lane and accumulator (at most 18, in a last partial block), so that even a row of identical values (each addition rounding the same
 /// way) keeps the sums within about 1e-6 relative.
 const FLUSH_VECTORS: usize = 64;
 
@@ -1306,7 +1306,17 @@ impl<V: Vector> Side<V> for AuxSide<'_, V> {
 
     #[inline(always)]
     fn take(&mut self, n: usize) -> Self {
-        let (head, rest) = self.rest.split_at_checked(n).unwrap_or((self.rest, &[]));
+        // Shorter than the block (excluded by `AuxSide::new` and the drivers): all zero rather
+        // than split out of step with the block.
+        let Some((head, rest)) = self.rest.split_at_checked(n) else {
+            self.rest = &[];
+            return AuxSide {
+                quads: &[],
+                singles: &[],
+                tail: &[],
+                rest: &[],
+            };
+        };
         self.rest = rest;
         let (arrays, tail) = V::split(head);
         let (quads, singles) = arrays.as_chunks::<4>();
@@ -2449,7 +2459,9 @@ fn write_gradient<V: Vector>(
     piece: PieceInputs<'_>,
 ) -> RowResult {
     let transform = job.transform;
-    if stats.invalid {
+    // An auxiliary row shorter than the row (which the API's checks exclude) makes it NaN, like
+    // an invalid row, before anything else is written.
+    if stats.invalid || piece.aux.is_some_and(|a| a.len() < io.src().len()) {
         io.fill(f32::NAN);
         return RowResult::NAN;
     }
@@ -2693,10 +2705,14 @@ fn sums_map<V: Vector, const MODE: u8>(
 ) -> Stats {
     match aux {
         None => sums_map_beside::<V, MODE, _>(io, m, lanes, NoSide),
-        Some(row) => match AuxSide::new(row, io.src().len()) {
-            Some(side) => sums_map_beside::<V, MODE, _>(io, m, lanes, side),
-            None => Stats::SHORT_AUX,
-        },
+        Some(row) => {
+            if let Some(side) = AuxSide::new(row, io.src().len()) {
+                sums_map_beside::<V, MODE, _>(io, m, lanes, side)
+            } else {
+                io.fill(f32::NAN);
+                Stats::SHORT_AUX
+            }
+        }
     }
 }
 

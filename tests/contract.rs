@@ -10,7 +10,7 @@ use std::sync::Barrier;
 
 use common::{backends, bits, check_all, run, Entry, Output, Rng};
 use smoothce::reference::{self, agrees, GRAD_TOLERANCE, LOSS_TOLERANCE};
-use smoothce::{Backend, CrossEntropy, Reduction, Smoothing};
+use smoothce::{Backend, CrossEntropy, Extras, Reduction, Smoothing, Targets};
 
 /// Class counts: below, at and above every vector width, a block boundary, beyond 2^18.
 /// (`more_than_2_24_classes_in_one_row` covers rows beyond the 2^22 strategy switch.)
@@ -891,6 +891,97 @@ fn nan_and_inf_rows_beside_a_shifted_row_over_2_22_classes() {
                     "{ctx}: the finite row's gradient depends on its neighbours"
                 );
             }
+        }
+    }
+}
+
+/// Class weights and soft targets on one row of more than 2^22 classes, out of place into a
+/// gradient slice starting one element past an aligned address: the recomputing gradient pass
+/// reads the auxiliary row (weights, target probabilities) beside the logits, and its
+/// non-temporal stores (AVX2, AVX-512) peel a head of fewer than a vector first, through the tail
+/// path, so the auxiliary row must be split at the same place. On every backend the loss and
+/// every gradient element agree with the reference, and the in-place call gives the same bits.
+/// 64-bit targets only.
+#[test]
+#[cfg(target_pointer_width = "64")]
+fn weights_and_soft_targets_beside_a_row_over_2_22_classes() {
+    let k = (1 << 22) + 19;
+    let mut rng = Rng::new(0x5_22);
+    let logits = common::random_batch(&mut rng, 1, k, 3.0, 4.0);
+    let weights: Vec<f32> = (0..k)
+        .map(|_| (0.5 + rng.symmetric().abs()) as f32)
+        .collect();
+    let mut soft: Vec<f32> = (0..k).map(|_| rng.symmetric().abs() as f32).collect();
+    let total: f32 = soft.iter().sum();
+    for q in &mut soft {
+        *q /= total;
+    }
+    let class = [4_000_321_u32];
+    let mut available = vec![Backend::Portable];
+    available.extend(
+        [Backend::Avx2, Backend::Avx512]
+            .into_iter()
+            .filter(|b| b.is_available()),
+    );
+    let close = |g: f32, w: f32| (g - w).abs() <= 1e-5 / k as f32 + 1e-4 * w.abs();
+    for (name, soft_targets) in [("class weights", false), ("soft targets", true)] {
+        let base = CrossEntropy::new(k)
+            .smoothing(Smoothing::Uniform(0.1))
+            .reduction(Reduction::Sum);
+        let base = if soft_targets {
+            base
+        } else {
+            base.class_weights(&weights)
+        };
+        let targets = if soft_targets {
+            Targets::Soft(&soft)
+        } else {
+            Targets::U32(&class)
+        };
+        let mut want = vec![0.0_f32; k];
+        let mut want_losses = [0.0_f32];
+        reference::forward_backward_with(
+            &base,
+            &logits,
+            targets,
+            &mut want_losses,
+            &mut want,
+            Extras::default(),
+        )
+        .expect("valid call");
+        assert!(want_losses[0].is_finite(), "{name}");
+        for &backend in &available {
+            let ce = base.backend(backend);
+            let ctx = format!("{backend:?} {name}");
+            let mut losses = [0.0_f32];
+            let mut storage = vec![0.0_f32; k + 1];
+            ce.forward_backward_with(
+                &logits,
+                targets,
+                &mut losses,
+                &mut storage[1..],
+                Extras::default(),
+            )
+            .expect("valid call");
+            assert!(
+                agrees(losses[0], f64::from(want_losses[0]), LOSS_TOLERANCE),
+                "{ctx}: loss {} vs {}",
+                losses[0],
+                want_losses[0]
+            );
+            let grad = &storage[1..];
+            let bad = grad
+                .iter()
+                .zip(&want)
+                .position(|(&g, &w)| !(agrees(g, f64::from(w), GRAD_TOLERANCE) && close(g, w)));
+            assert_eq!(bad, None, "{ctx}: first gradient element off");
+            assert_eq!(storage[0], 0.0, "{ctx}: wrote before the slice");
+            let mut work = logits.clone();
+            let mut in_place = [0.0_f32];
+            ce.forward_backward_in_place_with(&mut work, targets, &mut in_place, Extras::default())
+                .expect("valid call");
+            assert_eq!(in_place[0].to_bits(), losses[0].to_bits(), "{ctx}");
+            assert!(work == grad, "{ctx}: in place differs from out of place");
         }
     }
 }
