@@ -270,8 +270,9 @@ mod tests {
             (&["--epochs", "ten"][..], "cannot read"),
             (&["--epochs", "0"][..], "at least 1"),
             (&["--epochs", "100001"][..], "at most 100000"),
-            (&["--seeds", "18446744073709551615"][..], "at most 1000"),
-            (&["--hidden", "1152921504606846976"][..], "at most 4096"),
+            // Within a 32-bit usize (wasm32), beyond the bounds.
+            (&["--seeds", "4294967295"][..], "at most 1000"),
+            (&["--hidden", "4294967295"][..], "at most 4096"),
             (&["--noise", &["0"; 21].join(",")][..], "at most 20 levels"),
             (&["--eps", "1.5"][..], "[0, 1)"),
             (&["--noise", "0,20"][..], "20% is 0.2"),
