@@ -1606,8 +1606,11 @@ struct SumExp<'a, V: Vector, const MODE: u8, S> {
     side: PhantomData<S>,
     sum: [V; 4],
     shifted: [V; 4],
-    aux_shifted: [V; 4],
-    aux_sum: [V; 4],
+    /// Two accumulators each, not four (slot `& 1`): four would not fit the registers of an
+    /// AVX-512 loop beside the exp's constants. The flush block is halved with a side (see
+    /// [`Op::BLOCK`]), so each lane still adds at most 16 vectors' worth before a flush.
+    aux_shifted: [V; 2],
+    aux_sum: [V; 2],
     /// Careful lanes: `(t - m) * 2^-41`, allowed count, `v (t - m) 2^-41`, masked `v`.
     scaled: V,
     allowed: V,
@@ -1630,8 +1633,8 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
             side: PhantomData,
             sum: [zero; 4],
             shifted: [zero; 4],
-            aux_shifted: [zero; 4],
-            aux_sum: [zero; 4],
+            aux_shifted: [zero; 2],
+            aux_sum: [zero; 2],
             scaled: zero,
             allowed: zero,
             aux_scaled: zero,
@@ -1654,7 +1657,7 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
     /// for nothing, and the shifted sums are formed pre-scaled so they cannot overflow.
     #[inline(always)]
     fn careful(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
-        let slot = slot & 3;
+        let (slot, pair) = (slot & 3, slot & 1);
         let ninf = V::splat(f32::NEG_INFINITY);
         let zero = V::splat(0.0);
         let z = self.lanes.masked(offset, z);
@@ -1665,7 +1668,7 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
         self.allowed = self.allowed.add(z.select_eq(ninf, zero, V::splat(1.0)));
         if S::PRESENT {
             self.aux_scaled = v.mul_add(scaled, self.aux_scaled);
-            self.aux_sum[slot] = self.aux_sum[slot].add(z.select_eq(ninf, zero, v));
+            self.aux_sum[pair] = self.aux_sum[pair].add(z.select_eq(ninf, zero, v));
             self.aux_masked = self.aux_masked.add(z.select_eq(ninf, v, zero));
         }
         z.select_eq(ninf, V::splat(-1.0), e)
@@ -1677,7 +1680,7 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
     /// stored exps zeroes them by the bits: [`Scale`]).
     #[inline(always)]
     fn masked(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
-        let slot = slot & 3;
+        let (slot, pair) = (slot & 3, slot & 1);
         let ok = match self.lanes.bits {
             Some(bits) if MODE == MASKED_BITS => V::allowed_bits(bits.words, offset),
             _ => V::allowed(self.lanes.mask.and_then(|m| m.get(offset..)).unwrap_or(&[])),
@@ -1693,9 +1696,9 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
             self.allowed = V::select_where(ok, self.allowed.add(V::splat(1.0)), self.allowed);
         }
         if S::PRESENT {
-            let (acc, sum) = (self.aux_shifted[slot], self.aux_sum[slot]);
-            self.aux_shifted[slot] = V::select_where(ok, v.mul_add(t, acc), acc);
-            self.aux_sum[slot] = V::select_where(ok, sum.add(v), sum);
+            let (acc, sum) = (self.aux_shifted[pair], self.aux_sum[pair]);
+            self.aux_shifted[pair] = V::select_where(ok, v.mul_add(t, acc), acc);
+            self.aux_sum[pair] = V::select_where(ok, sum.add(v), sum);
             self.aux_masked = V::select_where(ok, self.aux_masked, self.aux_masked.add(v));
         }
         if MODE == MASKED_BITS {
@@ -1718,9 +1721,14 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
 
 impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
     type Side = S;
-    /// The f32 accumulators are flushed into f64 every [`FLUSH_VECTORS`] vectors: the loop
-    /// drivers call [`Op::end_block`] there, so no vector pays for a count.
-    const BLOCK: usize = FLUSH_VECTORS * V::LANES;
+    /// The f32 accumulators are flushed into f64 every [`FLUSH_VECTORS`] vectors (half as many
+    /// with a side, whose sums have two accumulators, not four): the loop drivers call
+    /// [`Op::end_block`] there, so no vector pays for a count.
+    const BLOCK: usize = if S::PRESENT {
+        FLUSH_VECTORS / 2
+    } else {
+        FLUSH_VECTORS
+    } * V::LANES;
 
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
@@ -1732,14 +1740,14 @@ impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
             MASKED | MASKED_BITS => return self.masked(slot, offset, z, v),
             _ => {}
         }
-        let slot = slot & 3;
+        let (slot, pair) = (slot & 3, slot & 1);
         let t = self.lanes.shifted(z);
         let e = exp_nonpositive(t);
         self.sum[slot] = self.sum[slot].add(e);
         self.shifted[slot] = self.shifted[slot].add(t);
         if S::PRESENT {
-            self.aux_shifted[slot] = v.mul_add(t, self.aux_shifted[slot]);
-            self.aux_sum[slot] = self.aux_sum[slot].add(v);
+            self.aux_shifted[pair] = v.mul_add(t, self.aux_shifted[pair]);
+            self.aux_sum[pair] = self.aux_sum[pair].add(v);
         }
         self.fast_count += V::LANES as u64;
         e
@@ -1747,24 +1755,48 @@ impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
 
     #[inline(always)]
     fn apply_tail(&mut self, offset: usize, z: V, v: V) -> V {
-        self.careful(3, offset, z, v)
+        let e = self.careful(3, offset, z, v);
+        // The fast variant touches the careful accumulators here only: flushed at once, so its
+        // block ends need not.
+        if MODE == FAST {
+            self.flush_careful();
+        }
+        e
     }
 
     #[inline(always)]
     fn end_block(&mut self) {
-        let zero = V::splat(0.0);
         let t = &mut self.total;
         t.sum_exp += drain(&mut self.sum);
         t.shifted_sum += drain(&mut self.shifted);
-        t.shifted_sum += self.scaled.reduce_sum() * CAREFUL_UNSCALE;
-        t.allowed += self.allowed.reduce_sum() as u64 + self.fast_count;
-        self.scaled = zero;
-        self.allowed = zero;
+        t.allowed += self.fast_count;
         self.fast_count = 0;
         if S::PRESENT {
-            t.aux_shifted += drain(&mut self.aux_shifted);
+            let [a, b] = self.aux_shifted;
+            t.aux_shifted += a.add(b).reduce_sum();
+            let [a, b] = self.aux_sum;
+            t.aux_sum += a.add(b).reduce_sum();
+            self.aux_shifted = [V::splat(0.0); 2];
+            self.aux_sum = [V::splat(0.0); 2];
+        }
+        if MODE != FAST {
+            self.flush_careful();
+        }
+    }
+}
+
+impl<V: Vector, const MODE: u8, S: Side<V>> SumExp<'_, V, MODE, S> {
+    /// Moves the careful variant's single accumulators into the f64 totals.
+    #[inline(always)]
+    fn flush_careful(&mut self) {
+        let zero = V::splat(0.0);
+        let t = &mut self.total;
+        t.shifted_sum += self.scaled.reduce_sum() * CAREFUL_UNSCALE;
+        t.allowed += self.allowed.reduce_sum() as u64;
+        self.scaled = zero;
+        self.allowed = zero;
+        if S::PRESENT {
             t.aux_shifted += self.aux_scaled.reduce_sum() * CAREFUL_UNSCALE;
-            t.aux_sum += drain(&mut self.aux_sum);
             t.aux_masked += self.aux_masked.reduce_sum();
             self.aux_scaled = zero;
             self.aux_masked = zero;
