@@ -868,8 +868,24 @@ pub(crate) fn piece_exps<V: RowKernels>(
         io.fill(0.0);
         return RowState::EMPTY;
     };
+    // The API refuses a soft-cap here (stored exps could not carry its chain factor). Built
+    // without one, so that the loops below hold no soft-cap code: with it, every vector of the
+    // sums paid a branch on it, and the tanh's registers pushed the row constants onto the stack.
+    if job.transform.cap.is_some() {
+        io.fill(f32::NAN);
+        return RowState {
+            stats: Stats {
+                invalid: true,
+                ..Stats::EMPTY
+            },
+            target_logit: None,
+        };
+    }
+    let transform = Transform {
+        scale: job.transform.scale,
+        cap: None,
+    };
     let (aux, mask) = piece_inputs(job, piece, target);
-    let transform = job.transform;
     let z = io.src();
     let target_logit = piece_target_logit(z, piece, target);
     let mut mm = MaxMin::<V, false>::new(mask, None);
@@ -1552,6 +1568,15 @@ impl<'a, V: Vector> Lanes<'a, V> {
         }
     }
 
+    /// These lanes with no soft-cap, for a row that has none, as a constant: every loop built
+    /// from them then holds no soft-cap code. Without it, the loops tested the soft-cap on every
+    /// vector (the compiler does not unswitch loops this size), and the tanh's registers pushed
+    /// the row constants and accumulators onto the stack.
+    #[inline(always)]
+    fn uncapped(self) -> Self {
+        Lanes { cap: None, ..self }
+    }
+
     /// `t` for a vector of raw logits (masked lanes may come out finite with a soft-cap: callers
     /// that can see masked lanes select them away).
     #[inline(always)]
@@ -1992,10 +2017,14 @@ fn block_stats<V: Vector>(
         return stats;
     }
     let lanes = Lanes::new(m, transform, mask);
-    match sums_mode(m, tmin, mask) {
-        CAREFUL => sums_fold::<V, CAREFUL>(z, m, lanes, aux, ahead),
-        MASKED => sums_fold::<V, MASKED>(z, m, lanes, aux, ahead),
-        _ => sums_fold::<V, FAST>(z, m, lanes, aux, ahead),
+    // Instantiated with and without the soft-cap (see [`Lanes::uncapped`]).
+    match (lanes.cap.is_some(), sums_mode(m, tmin, mask)) {
+        (false, CAREFUL) => sums_fold::<V, CAREFUL>(z, m, lanes.uncapped(), aux, ahead),
+        (false, MASKED) => sums_fold::<V, MASKED>(z, m, lanes.uncapped(), aux, ahead),
+        (false, _) => sums_fold::<V, FAST>(z, m, lanes.uncapped(), aux, ahead),
+        (true, CAREFUL) => sums_fold::<V, CAREFUL>(z, m, lanes, aux, ahead),
+        (true, MASKED) => sums_fold::<V, MASKED>(z, m, lanes, aux, ahead),
+        (true, _) => sums_fold::<V, FAST>(z, m, lanes, aux, ahead),
     }
 }
 
@@ -2606,6 +2635,24 @@ fn write_gradient<V: Vector>(
 /// Pass 2 of the recompute strategy, the gradient from the logits (careful: masked lanes 0).
 #[inline(always)]
 fn recompute<V: Vector, S: Side<V>>(
+    io: &mut Io<'_>,
+    lanes: Lanes<'_, V>,
+    grad: GradLanes<V>,
+    side: S,
+    careful: bool,
+    stream: bool,
+) {
+    // Instantiated with and without the soft-cap (see [`Lanes::uncapped`]).
+    if lanes.cap.is_some() {
+        recompute_lanes(io, lanes, grad, side, careful, stream);
+    } else {
+        recompute_lanes(io, lanes.uncapped(), grad, side, careful, stream);
+    }
+}
+
+/// [`recompute`] with these lanes.
+#[inline(always)]
+fn recompute_lanes<V: Vector, S: Side<V>>(
     io: &mut Io<'_>,
     lanes: Lanes<'_, V>,
     grad: GradLanes<V>,
