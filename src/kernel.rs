@@ -8,7 +8,8 @@
 //!   pass 1 finds the max and min of `z`; pass 2 stores `e = exp(t - m)` into the output while
 //!   summing `e`, `t - m` (and, with an auxiliary row `v` of class weights or target
 //!   probabilities, `v (t - m)` and `v`); pass 3 turns the stored `e` into the gradient. One exp
-//!   per element.
+//!   per element. Pass 2 is compute-bound, so it prefetches the next row's logits (see
+//!   [`Ahead`]), which the next row's pass 1 would otherwise wait on memory for.
 //! * **Recompute** (longer rows, soft-capped rows, and every forward-only call): statistics are
 //!   gathered block by block (max of the block, then its sums while it is in L1) and merged
 //!   exactly; the gradient pass recomputes `exp(t - m)`, and stores it non-temporally on rows of
@@ -404,8 +405,13 @@ fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buff
         } => match NonZeroUsize::new(piece.width) {
             None => states.fill(RowState::EMPTY),
             Some(width) => {
-                for (row, (io, state)) in logits.rows(width).zip(states.iter_mut()).enumerate() {
-                    *state = V::piece_exps(job, io, piece, job.row_target(&targets, row));
+                let mut rows = logits.rows(width);
+                for (row, state) in states.iter_mut().enumerate() {
+                    let Some(io) = rows.next() else {
+                        break;
+                    };
+                    let next = rows.ahead();
+                    *state = V::piece_exps(job, io, piece, job.row_target(&targets, row), next);
                 }
             }
         },
@@ -433,7 +439,7 @@ pub(crate) trait RowKernels: Vector {
     /// [`stats_inline`] for this backend.
     fn stats(
         z: &[f32],
-        next: &[f32],
+        next: Ahead,
         transform: Transform,
         aux: Option<&[f32]>,
         mask: Option<&[bool]>,
@@ -452,6 +458,7 @@ pub(crate) trait RowKernels: Vector {
         io: Io<'_>,
         target: Option<RowTarget<'_>>,
         row: usize,
+        next: Ahead,
     ) -> RowResult;
     /// [`piece_gradient`] for this backend.
     fn piece_gradient(
@@ -469,6 +476,7 @@ pub(crate) trait RowKernels: Vector {
         io: Io<'_>,
         piece: Piece,
         target: Option<RowTarget<'_>>,
+        next: Ahead,
     ) -> RowState;
 }
 
@@ -541,6 +549,19 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// The source of the next row, to prefetch: an address range, so that it can name a row
+    /// that is still to be borrowed mutably (in place).
+    fn ahead(&self) -> Ahead {
+        let (start, len, width) = match self {
+            Rows::Separate { logits, width, .. } => (logits.as_ptr(), logits.len(), width),
+            Rows::InPlace { logits, width } => (logits.as_ptr(), logits.len(), width),
+        };
+        Ahead {
+            start,
+            len: len.min(width.get()),
+        }
+    }
+
     /// The number of whole rows.
     fn len_rows(&self) -> usize {
         match self {
@@ -594,9 +615,13 @@ fn gradient_rows<V: RowKernels>(
     first: usize,
     record: &mut impl FnMut(usize, RowResult),
 ) {
-    for (row, io) in (first..).zip(rows) {
+    let mut rows = rows;
+    let mut row = first;
+    while let Some(io) = rows.next() {
         let target = job.row_target(targets, row);
-        record(row, V::gradient_row(job, io, target, row));
+        // The next row is fetched while this one's exps are computed.
+        record(row, V::gradient_row(job, io, target, row, rows.ahead()));
+        row += 1;
     }
 }
 
@@ -611,7 +636,7 @@ fn forward_rows<V: RowKernels>(
 ) {
     for (row, (z, next)) in (first..).zip(split_rows(logits, job.classes)) {
         let result = match job.row_target(targets, row) {
-            Some(target) => forward_row::<V>(job, z, next, target),
+            Some(target) => forward_row::<V>(job, z, Ahead::of(next), target),
             None => RowResult::default(),
         };
         record(row, result);
@@ -715,7 +740,7 @@ fn forward_group<V: RowKernels>(
         let row = first + lane;
         let result = match (lane_result(results, lane), job.row_target(targets, row)) {
             (Some(result), _) => result,
-            (None, Some(target)) => forward_row::<V>(job, z, next, target),
+            (None, Some(target)) => forward_row::<V>(job, z, Ahead::of(next), target),
             (None, None) => RowResult::default(),
         };
         record(row, result);
@@ -793,7 +818,7 @@ fn narrow_fallback<V: RowKernels>(
         let row = first + lane;
         let result = match lane_result(results, lane) {
             Some(result) => result,
-            None => V::gradient_row(job, row_io, job.row_target(targets, row), row),
+            None => V::gradient_row(job, row_io, job.row_target(targets, row), row, Ahead::NONE),
         };
         record(row, result);
     }
@@ -849,7 +874,7 @@ fn piece_state<V: RowKernels>(
 ) -> RowState {
     let (aux, mask) = piece_inputs(job, piece, target);
     RowState {
-        stats: V::stats(z, next, job.transform, aux, mask),
+        stats: V::stats(z, Ahead::of(next), job.transform, aux, mask),
         target_logit: piece_target_logit(z, piece, target),
     }
 }
@@ -863,6 +888,7 @@ pub(crate) fn piece_exps<V: RowKernels>(
     mut io: Io<'_>,
     piece: Piece,
     target: Option<RowTarget<'_>>,
+    next: Ahead,
 ) -> RowState {
     let Some(target) = target else {
         io.fill(0.0);
@@ -901,9 +927,9 @@ pub(crate) fn piece_exps<V: RowKernels>(
     } else {
         let lanes = Lanes::new(m, transform, mask);
         match sums_mode(m, tmin, mask) {
-            CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes, aux),
-            MASKED => sums_map::<V, MASKED>(&mut io, m, lanes, aux),
-            _ => sums_map::<V, FAST>(&mut io, m, lanes, aux),
+            CAREFUL => sums_map::<V, CAREFUL>(&mut io, m, lanes, aux, next),
+            MASKED => sums_map::<V, MASKED>(&mut io, m, lanes, aux, next),
+            _ => sums_map::<V, FAST>(&mut io, m, lanes, aux, next),
         }
     };
     RowState {
@@ -1534,6 +1560,37 @@ impl Stats {
     }
 }
 
+/// What a pass prefetches while it runs: the start of what the caller reads next (the next block
+/// of a long row, or the next row), as an address range only. It is never read through, so it can
+/// name a row that is still to be borrowed mutably (the next row of an in-place call).
+#[derive(Clone, Copy)]
+pub(crate) struct Ahead {
+    start: *const f32,
+    len: usize,
+}
+
+impl Ahead {
+    /// Nothing to prefetch.
+    pub(crate) const NONE: Ahead = Ahead {
+        start: core::ptr::null(),
+        len: 0,
+    };
+
+    /// The elements of `s`.
+    pub(crate) fn of(s: &[f32]) -> Ahead {
+        Ahead {
+            start: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// The address of element `offset`, if within the range.
+    #[inline(always)]
+    fn at(self, offset: usize) -> Option<*const f32> {
+        (offset < self.len).then(|| self.start.wrapping_add(offset))
+    }
+}
+
 /// `exp(shift)` for the shift `<= 0` of a state's max to the merged max: `1` without a call when
 /// the state holds the max (one of every two states merged, and every piece that holds its row's
 /// max), as `libm::exp(0)` gives.
@@ -1669,9 +1726,10 @@ struct SumExp<'a, V: Vector, const MODE: u8, S> {
     /// Elements seen through the fast `apply` (all allowed).
     fast_count: u64,
     total: Stats,
-    /// The next block of the row, prefetched while this one is summed from L1 (see
-    /// [`stats_inline`]).
-    ahead: &'a [f32],
+    /// Prefetched while this pass runs, a cache line per vector: the next block of the row while
+    /// this one is summed from L1 (see [`stats_inline`]), or, in the reload strategy, the next
+    /// row, whose logits come from memory while this row's exps keep the cores busy.
+    ahead: Ahead,
 }
 
 impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
@@ -1699,7 +1757,7 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
                 },
                 ..Stats::EMPTY
             },
-            ahead: &[],
+            ahead: Ahead::NONE,
         }
     }
 
@@ -1782,7 +1840,7 @@ impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
 
     #[inline(always)]
     fn apply(&mut self, slot: usize, offset: usize, z: V, v: V) -> V {
-        if let Some(x) = self.ahead.get(offset) {
+        if let Some(x) = self.ahead.at(offset) {
             V::prefetch(x);
         }
         match MODE {
@@ -2029,7 +2087,7 @@ fn block_stats<V: Vector>(
     transform: Transform,
     aux: Option<&[f32]>,
     mask: Option<&[bool]>,
-    ahead: &[f32],
+    ahead: Ahead,
 ) -> Stats {
     let mut mm = MaxMin::<V, false>::new(mask, None);
     fold(z, NoSide, f32::NEG_INFINITY, &mut mm);
@@ -2056,12 +2114,12 @@ fn block_stats<V: Vector>(
 }
 
 #[inline(always)]
-fn sums_fold<'a, V: Vector, const MODE: u8>(
+fn sums_fold<V: Vector, const MODE: u8>(
     z: &[f32],
     m: f32,
-    lanes: Lanes<'a, V>,
+    lanes: Lanes<'_, V>,
     aux: Option<&[f32]>,
-    ahead: &'a [f32],
+    ahead: Ahead,
 ) -> Stats {
     match aux {
         None => sums_fold_beside::<V, MODE, _>(z, m, lanes, NoSide, ahead),
@@ -2073,12 +2131,12 @@ fn sums_fold<'a, V: Vector, const MODE: u8>(
 }
 
 #[inline(always)]
-fn sums_fold_beside<'a, V: Vector, const MODE: u8, S: Side<V>>(
+fn sums_fold_beside<V: Vector, const MODE: u8, S: Side<V>>(
     z: &[f32],
     m: f32,
-    lanes: Lanes<'a, V>,
+    lanes: Lanes<'_, V>,
     side: S,
-    ahead: &'a [f32],
+    ahead: Ahead,
 ) -> Stats {
     let mut op = SumExp::<V, MODE, S>::new(m, lanes);
     op.ahead = ahead;
@@ -2094,7 +2152,7 @@ fn sums_fold_beside<'a, V: Vector, const MODE: u8, S: Side<V>>(
 #[inline(always)]
 pub(crate) fn stats_inline<V: Vector>(
     z: &[f32],
-    next: &[f32],
+    next: Ahead,
     transform: Transform,
     aux: Option<&[f32]>,
     mask: Option<&[bool]>,
@@ -2105,7 +2163,7 @@ pub(crate) fn stats_inline<V: Vector>(
         let sub_aux = aux.map(|a| a.get(start..).unwrap_or(&[]));
         let sub_mask = mask.map(|m| m.get(start..).unwrap_or(&[]));
         let ahead = match z.get(start + BLOCK..) {
-            Some(rest) if !rest.is_empty() => rest,
+            Some(rest) if !rest.is_empty() => Ahead::of(rest),
             _ => next,
         };
         total = total.merge(block_stats::<V>(block, transform, sub_aux, sub_mask, ahead));
@@ -2347,7 +2405,7 @@ fn aux_row<'a>(job: &Job<'a>, target: RowTarget<'a>) -> Option<&'a [f32]> {
 fn forward_row<V: RowKernels>(
     job: &Job<'_>,
     z: &[f32],
-    next: &[f32],
+    next: Ahead,
     target: RowTarget<'_>,
 ) -> RowResult {
     let stats = V::stats(z, next, job.transform, aux_row(job, target), job.class_mask);
@@ -2442,6 +2500,7 @@ pub(crate) fn gradient_row<V: RowKernels>(
     mut io: Io<'_>,
     target: Option<RowTarget<'_>>,
     row: usize,
+    next: Ahead,
 ) -> RowResult {
     let Some(target) = target else {
         io.fill(0.0);
@@ -2474,22 +2533,22 @@ pub(crate) fn gradient_row<V: RowKernels>(
             let rest = exact_rest(job, z, target, m);
             let lanes = Lanes::new(m, transform, mask);
             let (stats, stored_bits) = match (sums_mode(m, tmin, mask), bits) {
-                (CAREFUL, _) => (sums_map::<V, CAREFUL>(&mut io, m, lanes, aux), None),
+                (CAREFUL, _) => (sums_map::<V, CAREFUL>(&mut io, m, lanes, aux, next), None),
                 (MASKED, Some(bits)) => {
                     let lanes = Lanes {
                         bits: Some(bits),
                         ..lanes
                     };
-                    let stats = sums_map::<V, MASKED_BITS>(&mut io, m, lanes, aux);
+                    let stats = sums_map::<V, MASKED_BITS>(&mut io, m, lanes, aux, next);
                     (stats, Some(bits.words))
                 }
-                (MASKED, None) => (sums_map::<V, MASKED>(&mut io, m, lanes, aux), None),
-                _ => (sums_map::<V, FAST>(&mut io, m, lanes, aux), None),
+                (MASKED, None) => (sums_map::<V, MASKED>(&mut io, m, lanes, aux, next), None),
+                _ => (sums_map::<V, FAST>(&mut io, m, lanes, aux, next), None),
             };
             (stats, rest, stored_bits)
         }
     } else {
-        let stats = V::stats(z, &[], transform, aux, mask);
+        let stats = V::stats(z, next, transform, aux, mask);
         (stats, exact_rest(job, z, target, stats.max), None)
     };
     let piece = PieceInputs {
@@ -2811,13 +2870,14 @@ fn sums_map<V: Vector, const MODE: u8>(
     m: f32,
     lanes: Lanes<'_, V>,
     aux: Option<&[f32]>,
+    ahead: Ahead,
 ) -> Stats {
     // The fast variant, the common one, instantiated for unscaled rows too (see
     // [`Lanes::unscaled`]).
     if MODE == FAST && !lanes.scaled && lanes.cap.is_none() {
-        sums_map_aux::<V, MODE>(io, m, lanes.unscaled(), aux)
+        sums_map_aux::<V, MODE>(io, m, lanes.unscaled(), aux, ahead)
     } else {
-        sums_map_aux::<V, MODE>(io, m, lanes, aux)
+        sums_map_aux::<V, MODE>(io, m, lanes, aux, ahead)
     }
 }
 
@@ -2828,12 +2888,13 @@ fn sums_map_aux<V: Vector, const MODE: u8>(
     m: f32,
     lanes: Lanes<'_, V>,
     aux: Option<&[f32]>,
+    ahead: Ahead,
 ) -> Stats {
     match aux {
-        None => sums_map_beside::<V, MODE, _>(io, m, lanes, NoSide),
+        None => sums_map_beside::<V, MODE, _>(io, m, lanes, NoSide, ahead),
         Some(row) => {
             if let Some(side) = AuxSide::new(row, io.src().len()) {
-                sums_map_beside::<V, MODE, _>(io, m, lanes, side)
+                sums_map_beside::<V, MODE, _>(io, m, lanes, side, ahead)
             } else {
                 io.fill(f32::NAN);
                 Stats::SHORT_AUX
@@ -2848,8 +2909,10 @@ fn sums_map_beside<V: Vector, const MODE: u8, S: Side<V>>(
     m: f32,
     lanes: Lanes<'_, V>,
     side: S,
+    ahead: Ahead,
 ) -> Stats {
     let mut op = SumExp::<V, MODE, S>::new(m, lanes);
+    op.ahead = ahead;
     io.map(side, f32::NEG_INFINITY, &mut op, false);
     op.stats()
 }

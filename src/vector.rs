@@ -53,11 +53,10 @@ pub(crate) trait Vector: Copy {
     /// Orders the non-temporal stores made so far before any later store (`sfence`).
     #[inline(always)]
     fn stream_fence() {}
-    /// Asks for the cache line holding `x` to be fetched ahead of its use (a hint; nothing by
-    /// default).
+    /// Asks for the cache line at address `x` to be fetched ahead of its use (a hint: it never
+    /// faults and reads nothing into the program, whatever the address; nothing by default).
     #[inline(always)]
-    #[allow(clippy::trivially_copy_pass_by_ref)] // the address is the argument
-    fn prefetch(x: &f32) {
+    fn prefetch(x: *const f32) {
         let _ = x;
     }
 

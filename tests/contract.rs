@@ -828,12 +828,7 @@ fn nan_and_inf_rows_beside_a_shifted_row_over_2_22_classes() {
     let finite = &logits[2 * k..];
     assert!(finite.iter().all(|z| z.is_finite() && *z > 9990.0));
     let targets = [5_u32, 17, 4_000_000];
-    let mut available = vec![Backend::Portable];
-    available.extend(
-        [Backend::Avx2, Backend::Avx512]
-            .into_iter()
-            .filter(|b| b.is_available()),
-    );
+    let available = backends();
     for smoothing in [Smoothing::Uniform(0.1), Smoothing::OffTarget(0.25)] {
         let mut want = vec![0.0_f64; k];
         let want_loss = reference::row(finite, targets[2] as usize, smoothing, Some(&mut want))
@@ -917,12 +912,7 @@ fn weights_and_soft_targets_beside_a_row_over_2_22_classes() {
         *q /= total;
     }
     let class = [4_000_321_u32];
-    let mut available = vec![Backend::Portable];
-    available.extend(
-        [Backend::Avx2, Backend::Avx512]
-            .into_iter()
-            .filter(|b| b.is_available()),
-    );
+    let available = backends();
     let close = |g: f32, w: f32| (g - w).abs() <= 1e-5 / k as f32 + 1e-4 * w.abs();
     for (name, soft_targets) in [("class weights", false), ("soft targets", true)] {
         let base = CrossEntropy::new(k)

@@ -469,7 +469,8 @@ const PIECES: &[Call] = &[
     Call::PieceStatesAndExpsInPlace,
     Call::PieceBackwardFromExps,
 ];
-/// Every call that takes [`Targets`].
+/// Every call that takes [`Targets`]: [`WITH_AND_FINISH`], then [`PIECES`] (checked by
+/// `all_with_is_the_with_calls_then_the_piece_calls`).
 const ALL_WITH: &[Call] = &[
     Call::ForwardWith,
     Call::ForwardBackwardWith,
@@ -490,6 +491,14 @@ const STORED_EXPS: &[Call] = &[
     Call::PieceStatesAndExpsInPlace,
     Call::PieceBackwardFromExps,
 ];
+
+/// The three lists of calls cannot drift apart: a call added to one list and not the others
+/// fails here.
+#[test]
+fn all_with_is_the_with_calls_then_the_piece_calls() {
+    let union: Vec<Call> = WITH_AND_FINISH.iter().chain(PIECES).copied().collect();
+    assert_eq!(ALL_WITH, union.as_slice());
+}
 
 impl Call {
     fn is_piece(self) -> bool {

@@ -35,7 +35,7 @@ macro_rules! row_kernels {
         // these functions are only reached from there.
         impl $crate::kernel::RowKernels for $v {
             row_kernels!(@fn ($($features)?) stats = $crate::kernel::stats_inline::<$v>,
-                (z: &[f32], next: &[f32], transform: $crate::kernel::Transform,
+                (z: &[f32], next: $crate::kernel::Ahead, transform: $crate::kernel::Transform,
                  aux: Option<&[f32]>, mask: Option<&[bool]>) -> $crate::kernel::Stats);
             row_kernels!(@fn ($($features)?) narrow_group = $crate::narrow::narrow_group::<$v>,
                 (job: &$crate::kernel::Job<'_>, targets: &$crate::Targets<'_>,
@@ -43,8 +43,8 @@ macro_rules! row_kernels {
                  results: &mut $crate::narrow::GroupResults) -> ());
             row_kernels!(@fn ($($features)?) gradient_row = $crate::kernel::gradient_row::<$v>,
                 (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
-                 target: Option<$crate::kernel::RowTarget<'_>>, row: usize)
-                -> $crate::kernel::RowResult);
+                 target: Option<$crate::kernel::RowTarget<'_>>, row: usize,
+                 next: $crate::kernel::Ahead) -> $crate::kernel::RowResult);
             row_kernels!(@fn ($($features)?) piece_gradient = $crate::kernel::piece_gradient::<$v>,
                 (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
                  piece: $crate::shard::Piece, target: Option<$crate::kernel::RowTarget<'_>>,
@@ -52,8 +52,8 @@ macro_rules! row_kernels {
                  row: usize) -> ());
             row_kernels!(@fn ($($features)?) piece_exps = $crate::kernel::piece_exps::<$v>,
                 (job: &$crate::kernel::Job<'_>, io: $crate::kernel::Io<'_>,
-                 piece: $crate::shard::Piece, target: Option<$crate::kernel::RowTarget<'_>>)
-                -> $crate::shard::RowState);
+                 piece: $crate::shard::Piece, target: Option<$crate::kernel::RowTarget<'_>>,
+                 next: $crate::kernel::Ahead) -> $crate::shard::RowState);
         }
     };
 }
