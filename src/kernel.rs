@@ -2872,9 +2872,9 @@ fn sums_map<V: Vector, const MODE: u8>(
     aux: Option<&[f32]>,
     ahead: Ahead,
 ) -> Stats {
-    // The fast variant, the common one, instantiated for unscaled rows too (see
+    // The fast and masked variants, the common ones, instantiated for unscaled rows too (see
     // [`Lanes::unscaled`]).
-    if MODE == FAST && !lanes.scaled && lanes.cap.is_none() {
+    if MODE != CAREFUL && !lanes.scaled && lanes.cap.is_none() {
         sums_map_aux::<V, MODE>(io, m, lanes.unscaled(), aux, ahead)
     } else {
         sums_map_aux::<V, MODE>(io, m, lanes, aux, ahead)
