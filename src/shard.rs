@@ -31,8 +31,9 @@
 //!   pieces are held anyway (tensor-parallel shards). On one device, going through all three steps
 //!   a tile of rows at a time (tiles whose buffers fit in L2: logits and exps, or the logits alone
 //!   in place; use [`mean_denominator`](CrossEntropy::mean_denominator) so that the tiles' losses
-//!   add up) keeps the exps cached until step 3 reads them: 8 pieces then take 0.87-1.19x the
-//!   unsplit call (across shapes and runs, in place or not). `BENCHMARKS.md` has the figures.
+//!   add up) keeps the exps cached until step 3 reads them: 8 pieces then take 1.04-1.11x the
+//!   unsplit call at [16×32000] and 1.11-1.13x at [4×128256] (in place or not; tiles of one row
+//!   cannot prefetch a next row as the unsplit call does). `BENCHMARKS.md` has the figures.
 //!
 //! The smoothing always uses the global number of classes `K` (and the global count of allowed
 //! classes when some are masked), never the piece's: Megatron-LM's local-`K` bug cannot happen.
