@@ -36,6 +36,12 @@
 //! then reads a vector's opmask as one 16-bit word instead of converting 16 flags, the count of
 //! allowed classes is taken once per call, and pass 2 stores the disallowed lanes' exps as they
 //! come, for pass 3 to zero by the same bits.
+//!
+//! Each pass over a row is a loop driver ([`fold`], [`Io::map`]) running one [`Op`], and each
+//! instantiation of a driver is a function of its own, compiled with the backend's target
+//! features ([`Vector::outline`]). What a loop does not need is left out of it at compile time,
+//! by type: the variant (`MODE`), the row beside ([`Side`]), the transform ([`Form`]) and
+//! non-temporal stores (`STREAM`). Only an op's [`Seed`] crosses the call.
 
 use core::marker::PhantomData;
 use core::num::NonZeroUsize;
@@ -47,7 +53,7 @@ use crate::tanh::tanh;
 use crate::targets::Targets;
 #[cfg(doc)]
 use crate::vector::MASK_CLASSES;
-use crate::vector::{MaskWords, Vector};
+use crate::vector::{MaskWords, Task, Vector};
 use crate::Smoothing;
 
 /// The elements the loop drivers take at a time (see [`Op::BLOCK`]), and the block of the
@@ -914,9 +920,7 @@ pub(crate) fn piece_exps<V: RowKernels>(
     let (aux, mask) = piece_inputs(job, piece, target);
     let z = io.src();
     let target_logit = piece_target_logit(z, piece, target);
-    let mut mm = MaxMin::<V, false>::new(mask, None);
-    fold(z, NoSide, f32::NEG_INFINITY, &mut mm);
-    let (zmax, zmin) = mm.result();
+    let (zmax, zmin) = max_min::<V, false>(z, mask, None);
     let (m, tmin) = (
         transform_f32(transform, zmax),
         transform_f32(transform, zmin),
@@ -1011,27 +1015,45 @@ impl<'a> Io<'a> {
         }
     }
 
-    /// Applies `op` to the source, storing into the destination (with non-temporal stores if
-    /// `stream`).
+    /// Applies the op `seed` starts to the source, storing into the destination (with
+    /// non-temporal stores if `STREAM`), in a function of its own (see [`Vector::outline`]).
     #[inline(always)]
-    fn map<V: Vector, O: Op<V>>(
+    fn map<V: Vector, D: Seed<V>, const STREAM: bool>(
         &mut self,
-        side: O::Side,
+        side: <D::Op as Op<V>>::Side,
         tail_fill: f32,
-        op: &mut O,
-        stream: bool,
-    ) {
+        seed: D,
+    ) -> D::Output {
         match self {
-            Io::Separate(z, g) => map_into(z, g, side, tail_fill, op, stream),
-            Io::InPlace(z) => map_in_place(z, side, tail_fill, op, stream),
+            Io::Separate(z, g) => V::outline(Loop::<_, _, _, STREAM> {
+                io: IntoIo(z, g),
+                side,
+                tail_fill,
+                seed,
+            }),
+            Io::InPlace(z) => V::outline(Loop::<_, _, _, STREAM> {
+                io: InPlaceIo(z),
+                side,
+                tail_fill,
+                seed,
+            }),
         }
     }
 
-    /// Applies `op` to the destination in place.
+    /// Applies the op `seed` starts to the destination in place, in a function of its own.
     #[inline(always)]
-    fn map_out<V: Vector, O: Op<V>>(&mut self, side: O::Side, tail_fill: f32, op: &mut O) {
-        // One call site: each inlined copy of a loop costs compile time.
-        map_in_place(self.out(), side, tail_fill, op, false);
+    fn map_out<V: Vector, D: Seed<V>>(
+        &mut self,
+        side: <D::Op as Op<V>>::Side,
+        tail_fill: f32,
+        seed: D,
+    ) -> D::Output {
+        V::outline(Loop::<_, _, _, false> {
+            io: InPlaceIo(self.out()),
+            side,
+            tail_fill,
+            seed,
+        })
     }
 
     /// The destination.
@@ -1093,9 +1115,98 @@ pub(crate) trait Op<V: Vector> {
     fn end_block(&mut self) {}
 }
 
-/// `op` over `src`, block by block, four vectors at a time, results ignored.
+/// The op `seed` starts over `src`, block by block, four vectors at a time, results ignored; in a
+/// function of its own (see [`Vector::outline`]).
 #[inline(always)]
-fn fold<V: Vector, O: Op<V>>(src: &[f32], mut side: O::Side, tail_fill: f32, op: &mut O) {
+fn fold<V: Vector, D: Seed<V>>(src: &[f32], side: <D::Op as Op<V>>::Side, seed: D) -> D::Output {
+    V::outline(Loop::<_, _, _, false> {
+        io: FoldIo(src),
+        side,
+        tail_fill: f32::NEG_INFINITY,
+        seed,
+    })
+}
+
+/// An [`Op`]'s inputs, from which the function of its loop builds it, and the result that
+/// function gives back. Only these cross the call (see [`Vector::outline`]), never the op's
+/// accumulators: copied in and out through the stack, they cost more than the loop over a row
+/// of a thousand logits.
+pub(crate) trait Seed<V: Vector>: Copy {
+    /// The op.
+    type Op: Op<V>;
+    /// What the loop's function returns.
+    type Output;
+    /// The op, with its accumulators zero.
+    fn start(self) -> Self::Op;
+    /// The result, from the op after the loop.
+    fn finish(op: &Self::Op) -> Self::Output;
+}
+
+/// A loop driver's call as a [`Task`]: `I` its buffers ([`FoldIo`], [`IntoIo`] or
+/// [`InPlaceIo`], one function each), `STREAM` whether it stores non-temporally (a constant: a
+/// flag would be a test on every store), `D` the seed of its op.
+struct Loop<I, D, S, const STREAM: bool> {
+    io: I,
+    side: S,
+    tail_fill: f32,
+    seed: D,
+}
+
+/// [`fold_inline`] over a row.
+struct FoldIo<'s>(&'s [f32]);
+/// [`map_into`] from a row into a buffer.
+struct IntoIo<'s>(&'s [f32], &'s mut [f32]);
+/// [`map_in_place`] over a row.
+struct InPlaceIo<'s>(&'s mut [f32]);
+
+impl<V: Vector, D: Seed<V>, S: Side<V>> Task<V> for Loop<FoldIo<'_>, D, S, false>
+where
+    D::Op: Op<V, Side = S>,
+{
+    type Output = D::Output;
+
+    #[inline(always)]
+    fn run(self) -> D::Output {
+        let mut op = self.seed.start();
+        fold_inline(self.io.0, self.side, self.tail_fill, &mut op);
+        D::finish(&op)
+    }
+}
+
+impl<V: Vector, D: Seed<V>, S: Side<V>, const STREAM: bool> Task<V>
+    for Loop<IntoIo<'_>, D, S, STREAM>
+where
+    D::Op: Op<V, Side = S>,
+{
+    type Output = D::Output;
+
+    #[inline(always)]
+    fn run(self) -> D::Output {
+        let mut op = self.seed.start();
+        let IntoIo(src, dst) = self.io;
+        map_into(src, dst, self.side, self.tail_fill, &mut op, STREAM);
+        D::finish(&op)
+    }
+}
+
+impl<V: Vector, D: Seed<V>, S: Side<V>, const STREAM: bool> Task<V>
+    for Loop<InPlaceIo<'_>, D, S, STREAM>
+where
+    D::Op: Op<V, Side = S>,
+{
+    type Output = D::Output;
+
+    #[inline(always)]
+    fn run(self) -> D::Output {
+        let mut op = self.seed.start();
+        map_in_place(self.io.0, self.side, self.tail_fill, &mut op, STREAM);
+        D::finish(&op)
+    }
+}
+
+/// [`fold`]'s loop, inlined.
+#[inline(always)]
+fn fold_inline<V: Vector, O: Op<V>>(src: &[f32], mut side: O::Side, tail_fill: f32, op: &mut O) {
     let mut offset = 0;
     for block in src.chunks(O::BLOCK) {
         let s = side.take(block.len());
@@ -1408,17 +1519,35 @@ struct MaxMin<'m, V, const BITS: bool> {
     bits: Option<&'m MaskWords>,
 }
 
-impl<'m, V: Vector, const BITS: bool> MaxMin<'m, V, BITS> {
+/// The seed of [`MaxMin`]: the class mask, as flags and (`BITS`) as bits.
+#[derive(Clone, Copy)]
+struct MaxMinSeed<'m, V, const BITS: bool> {
+    mask: Option<&'m [bool]>,
+    bits: Option<&'m MaskWords>,
+    lanes: PhantomData<V>,
+}
+
+impl<'m, V: Vector, const BITS: bool> Seed<V> for MaxMinSeed<'m, V, BITS> {
+    type Op = MaxMin<'m, V, BITS>;
+    type Output = (f32, f32);
+
     #[inline(always)]
-    fn new(mask: Option<&'m [bool]>, bits: Option<&'m MaskWords>) -> Self {
+    fn start(self) -> Self::Op {
         MaxMin {
             max: [V::splat(f32::NEG_INFINITY); 4],
             min: [V::splat(f32::INFINITY); 4],
-            mask,
-            bits,
+            mask: self.mask,
+            bits: self.bits,
         }
     }
 
+    #[inline(always)]
+    fn finish(op: &Self::Op) -> (f32, f32) {
+        op.result()
+    }
+}
+
+impl<V: Vector, const BITS: bool> MaxMin<'_, V, BITS> {
     /// `(max, min)` over the lanes (NaN lanes may be skipped: NaN is detected by the sums). The
     /// min covers whole vectors only: the tail always takes the careful path.
     #[inline(always)]
@@ -1464,11 +1593,20 @@ impl<V: Vector, const BITS: bool> Op<V> for MaxMin<'_, V, BITS> {
     }
 }
 
-/// Pass 1 over a row: its max and min over the allowed lanes, through `mm`.
+/// Pass 1 over a row: its max and min over the lanes the class `mask` allows; with `BITS`, whole
+/// vectors read the mask from its `bits`.
 #[inline(always)]
-fn max_min<V: Vector, const BITS: bool>(z: &[f32], mut mm: MaxMin<'_, V, BITS>) -> (f32, f32) {
-    fold(z, NoSide, f32::NEG_INFINITY, &mut mm);
-    mm.result()
+fn max_min<V: Vector, const BITS: bool>(
+    z: &[f32],
+    mask: Option<&[bool]>,
+    bits: Option<&MaskWords>,
+) -> (f32, f32) {
+    let seed = MaxMinSeed::<V, BITS> {
+        mask,
+        bits,
+        lanes: PhantomData,
+    };
+    fold(z, NoSide, seed)
 }
 
 /// The statistics of a row or a piece of a row in the transformed space, relative to its own
@@ -1603,69 +1741,135 @@ fn exp_shift(shift: f64) -> f64 {
     }
 }
 
-/// The per-row constants every vector op needs.
+/// Which transform of the logits a loop is compiled for, as a type, so that each loop is
+/// instantiated without the code it does not need: every loop is a function of its own (see
+/// [`Vector::outline`]), where a run-time flag would stay a test on every vector.
+trait Form: Copy {
+    /// The row has a soft-cap: `t = c tanh(s z / c)`.
+    const CAPPED: bool;
+    /// Without a soft-cap, the row may have a logit scale: `t = s z` (else `t = z`).
+    const SCALED: bool;
+}
+
+/// A row with a soft-cap (and a logit scale, which may be 1).
 #[derive(Clone, Copy)]
-struct Lanes<'a, V: Vector> {
+struct Capped;
+/// No soft-cap; the logit scale as the row has it (a multiply by 1 when it has none).
+#[derive(Clone, Copy)]
+struct Uncapped;
+/// Neither: `t = z`.
+#[derive(Clone, Copy)]
+struct Unscaled;
+/// Lanes not yet given a [`Form`]: only [`Lanes::capped`], [`Lanes::uncapped`] and
+/// [`Lanes::unscaled`] take them, each where the row is of that form.
+#[derive(Clone, Copy)]
+struct Unknown;
+
+impl Form for Capped {
+    const CAPPED: bool = true;
+    const SCALED: bool = true;
+}
+
+impl Form for Uncapped {
+    const CAPPED: bool = false;
+    const SCALED: bool = true;
+}
+
+impl Form for Unscaled {
+    const CAPPED: bool = false;
+    const SCALED: bool = false;
+}
+
+/// The per-row constants every vector op needs, for loops compiled for the [`Form`] `F`.
+#[derive(Clone, Copy)]
+struct Lanes<'a, V: Vector, F = Unknown> {
     /// `m`, the max of `t`.
     m: V,
-    /// The logit scale `s` (1 when not set: a multiply by 1 changes no bit, and costs less in
-    /// the loops than a per-vector branch on an `Option`).
+    /// The logit scale `s` (1 when not set).
     scale: V,
     /// Whether the logit scale is set.
     scaled: bool,
-    /// `c` and `s / c`, if soft-capping.
-    cap: Option<(V, V)>,
+    /// Whether the row has a soft-cap, ...
+    capped: bool,
+    /// ... and then its `c` and `s / c` (0 without one).
+    cap: (V, V),
     /// The class mask, if any.
     mask: Option<&'a [bool]>,
     /// The class mask as bits (see [`Job::class_bits`]), for the `MASKED_BITS` variant; empty
     /// otherwise.
     bits: Option<MaskBits<'a>>,
+    form: PhantomData<F>,
 }
 
 impl<'a, V: Vector> Lanes<'a, V> {
     #[inline(always)]
     fn new(m: f32, transform: Transform, mask: Option<&'a [bool]>) -> Self {
+        let zero = V::splat(0.0);
         Lanes {
             m: V::splat(m),
             scale: V::splat(transform.scale),
             scaled: transform.scale != 1.0,
-            cap: transform
-                .cap
-                .map(|c| (V::splat(c), V::splat(transform.scale / c))),
+            capped: transform.cap.is_some(),
+            cap: transform.cap.map_or((zero, zero), |c| {
+                (V::splat(c), V::splat(transform.scale / c))
+            }),
             mask,
             bits: None,
+            form: PhantomData,
         }
     }
 
-    /// These lanes with no soft-cap, for a row that has none, as a constant: every loop built
-    /// from them then holds no soft-cap code. Without it, the loops tested the soft-cap on every
-    /// vector (the compiler does not unswitch loops this size), and the tanh's registers pushed
-    /// the row constants and accumulators onto the stack.
+    /// These lanes with their [`Form`] `F`.
     #[inline(always)]
-    fn uncapped(self) -> Self {
-        Lanes { cap: None, ..self }
-    }
-
-    /// These lanes for a row with neither a logit scale nor a soft-cap, as constants: the
-    /// multiply by the scale, 1, folds away (`x * 1 = x` for every `x`), one operation of the
-    /// 17 that each vector of the sums costs.
-    #[inline(always)]
-    fn unscaled(self) -> Self {
+    fn to<F: Form>(self) -> Lanes<'a, V, F> {
         Lanes {
-            scale: V::splat(1.0),
-            scaled: false,
-            cap: None,
-            ..self
+            m: self.m,
+            scale: self.scale,
+            scaled: self.scaled,
+            capped: self.capped,
+            cap: self.cap,
+            mask: self.mask,
+            bits: self.bits,
+            form: PhantomData,
         }
     }
 
+    /// These lanes for a row with a soft-cap (the caller knows it has one).
+    #[inline(always)]
+    fn capped(self) -> Lanes<'a, V, Capped> {
+        self.to()
+    }
+
+    /// These lanes for a row without a soft-cap (the caller knows it has none), for loops with
+    /// no soft-cap code. Without it, the loops tested the soft-cap on every vector (the compiler
+    /// does not unswitch loops this size), and the tanh's registers pushed the row constants and
+    /// accumulators onto the stack.
+    #[inline(always)]
+    fn uncapped(self) -> Lanes<'a, V, Uncapped> {
+        self.to()
+    }
+
+    /// These lanes for a row with neither a logit scale nor a soft-cap (the caller knows), for
+    /// loops without the multiply by the scale, one operation of the 17 that each vector of the
+    /// sums costs.
+    #[inline(always)]
+    fn unscaled(self) -> Lanes<'a, V, Unscaled> {
+        self.to()
+    }
+}
+
+impl<V: Vector, F: Form> Lanes<'_, V, F> {
     /// `t` for a vector of raw logits (masked lanes may come out finite with a soft-cap: callers
     /// that can see masked lanes select them away).
     #[inline(always)]
     fn transformed(&self, z: V) -> V {
-        match self.cap {
-            Some((c, s_over_c)) => tanh(z.mul(s_over_c)).mul(c),
-            None => z.mul(self.scale),
+        if F::CAPPED {
+            let (c, s_over_c) = self.cap;
+            tanh(z.mul(s_over_c)).mul(c)
+        } else if F::SCALED {
+            z.mul(self.scale)
+        } else {
+            z
         }
     }
 
@@ -1681,9 +1885,10 @@ impl<'a, V: Vector> Lanes<'a, V> {
     #[inline(always)]
     fn shifted_scaled(&self, z: V) -> V {
         let c = V::splat(CAREFUL_SCALE);
-        match self.cap {
-            Some(_) => self.shifted(z).mul(c),
-            None => self.transformed(z).mul(c).sub(self.m.mul(c)),
+        if F::CAPPED {
+            self.shifted(z).mul(c)
+        } else {
+            self.transformed(z).mul(c).sub(self.m.mul(c))
         }
     }
 
@@ -1696,7 +1901,7 @@ impl<'a, V: Vector> Lanes<'a, V> {
             Some(mask) => apply_mask(mask, offset, z),
             None => z,
         };
-        if self.scaled && self.cap.is_none() {
+        if F::SCALED && !F::CAPPED && self.scaled {
             let ninf = V::splat(f32::NEG_INFINITY);
             z.mul(self.scale).select_eq(ninf, ninf, z)
         } else {
@@ -1707,8 +1912,8 @@ impl<'a, V: Vector> Lanes<'a, V> {
 
 /// Pass 2: `e = exp(t - m)`, summed with `t - m` (and the auxiliary sums); returns `e` (or `-1`
 /// for masked lanes in the careful variant). Flushes into f64 at every block end.
-struct SumExp<'a, V: Vector, const MODE: u8, S> {
-    lanes: Lanes<'a, V>,
+struct SumExp<'a, V: Vector, const MODE: u8, S, F> {
+    lanes: Lanes<'a, V, F>,
     /// The auxiliary row's [`Side`] (its vectors come through `apply`).
     side: PhantomData<S>,
     sum: [V; 4],
@@ -1732,9 +1937,35 @@ struct SumExp<'a, V: Vector, const MODE: u8, S> {
     ahead: Ahead,
 }
 
-impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
+/// The seed of [`SumExp`]: the row's max `t`, its lanes, and what to prefetch meanwhile.
+#[derive(Clone, Copy)]
+struct SumExpSeed<'a, V: Vector, const MODE: u8, S, F> {
+    max: f32,
+    lanes: Lanes<'a, V, F>,
+    ahead: Ahead,
+    side: PhantomData<S>,
+}
+
+impl<'a, V: Vector, const MODE: u8, S: Side<V>, F: Form> Seed<V> for SumExpSeed<'a, V, MODE, S, F> {
+    type Op = SumExp<'a, V, MODE, S, F>;
+    type Output = Stats;
+
     #[inline(always)]
-    fn new(max: f32, lanes: Lanes<'a, V>) -> Self {
+    fn start(self) -> Self::Op {
+        let mut op = SumExp::new(self.max, self.lanes);
+        op.ahead = self.ahead;
+        op
+    }
+
+    #[inline(always)]
+    fn finish(op: &Self::Op) -> Stats {
+        op.stats()
+    }
+}
+
+impl<'a, V: Vector, const MODE: u8, S: Side<V>, F: Form> SumExp<'a, V, MODE, S, F> {
+    #[inline(always)]
+    fn new(max: f32, lanes: Lanes<'a, V, F>) -> Self {
         let zero = V::splat(0.0);
         SumExp {
             lanes,
@@ -1827,7 +2058,7 @@ impl<'a, V: Vector, const MODE: u8, S: Side<V>> SumExp<'a, V, MODE, S> {
     }
 }
 
-impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
+impl<V: Vector, const MODE: u8, S: Side<V>, F: Form> Op<V> for SumExp<'_, V, MODE, S, F> {
     type Side = S;
     /// The f32 accumulators are flushed into f64 every [`FLUSH_VECTORS`] vectors (half as many
     /// with a side, whose sums have two accumulators, not four): the loop drivers call
@@ -1893,7 +2124,7 @@ impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for SumExp<'_, V, MODE, S> {
     }
 }
 
-impl<V: Vector, const MODE: u8, S: Side<V>> SumExp<'_, V, MODE, S> {
+impl<V: Vector, const MODE: u8, S: Side<V>, F: Form> SumExp<'_, V, MODE, S, F> {
     /// Moves the careful variant's single accumulators into the f64 totals.
     #[inline(always)]
     fn flush_careful(&mut self) {
@@ -1934,6 +2165,7 @@ struct GradLanes<V> {
 /// that stored them: `FAST`, every lane an exp; `CAREFUL`, lanes holding the masked marker `-1`
 /// zeroed; `MASKED_BITS`, whole vectors' disallowed lanes zeroed by the mask's `bits` (the variant
 /// stored them as they came), the tail's marker as in `CAREFUL`.
+#[derive(Clone, Copy)]
 struct Scale<'a, V: Vector, const MODE: u8, S> {
     grad: GradLanes<V>,
     /// The auxiliary row's [`Side`] (its vectors come through `apply`).
@@ -1958,6 +2190,20 @@ impl<V: Vector, const MODE: u8, S: Side<V>> Scale<'_, V, MODE, S> {
             g
         }
     }
+}
+
+/// Small enough to be its own seed.
+impl<V: Vector, const MODE: u8, S: Side<V>> Seed<V> for Scale<'_, V, MODE, S> {
+    type Op = Self;
+    type Output = ();
+
+    #[inline(always)]
+    fn start(self) -> Self {
+        self
+    }
+
+    #[inline(always)]
+    fn finish(_: &Self) {}
 }
 
 impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for Scale<'_, V, MODE, S> {
@@ -1986,14 +2232,15 @@ impl<V: Vector, const MODE: u8, S: Side<V>> Op<V> for Scale<'_, V, MODE, S> {
 
 /// Pass 2 of the recompute strategy: `g = (exp(t - m) a + b + c v) f'(z)`, masked lanes zero
 /// when careful.
-struct Recompute<'a, V: Vector, const CAREFUL: bool, S> {
-    lanes: Lanes<'a, V>,
+#[derive(Clone, Copy)]
+struct Recompute<'a, V: Vector, const CAREFUL: bool, S, F> {
+    lanes: Lanes<'a, V, F>,
     grad: GradLanes<V>,
     /// The auxiliary row's [`Side`] (its vectors come through `apply`).
     side: PhantomData<S>,
 }
 
-impl<V: Vector, const CAREFUL: bool, S: Side<V>> Recompute<'_, V, CAREFUL, S> {
+impl<V: Vector, const CAREFUL: bool, S: Side<V>, F: Form> Recompute<'_, V, CAREFUL, S, F> {
     #[inline(always)]
     fn plain(&self, z: V, v: V) -> V {
         let e = exp_nonpositive(self.lanes.shifted(z));
@@ -2003,14 +2250,14 @@ impl<V: Vector, const CAREFUL: bool, S: Side<V>> Recompute<'_, V, CAREFUL, S> {
         } else {
             g
         };
-        match self.lanes.cap {
+        if F::CAPPED {
             // The soft-cap's chain factor 1 - (t/c)^2 (its scale s is folded into a, b, c).
-            Some((c, _)) => {
-                let r = self.lanes.transformed(z).div(c);
-                let one = V::splat(1.0);
-                g.mul(r.mul(V::splat(0.0).sub(r)).add(one))
-            }
-            None => g,
+            let (c, _) = self.lanes.cap;
+            let r = self.lanes.transformed(z).div(c);
+            let one = V::splat(1.0);
+            g.mul(r.mul(V::splat(0.0).sub(r)).add(one))
+        } else {
+            g
         }
     }
 
@@ -2021,7 +2268,25 @@ impl<V: Vector, const CAREFUL: bool, S: Side<V>> Recompute<'_, V, CAREFUL, S> {
     }
 }
 
-impl<V: Vector, const CAREFUL: bool, S: Side<V>> Op<V> for Recompute<'_, V, CAREFUL, S> {
+/// Small enough to be its own seed.
+impl<V: Vector, const CAREFUL: bool, S: Side<V>, F: Form> Seed<V>
+    for Recompute<'_, V, CAREFUL, S, F>
+{
+    type Op = Self;
+    type Output = ();
+
+    #[inline(always)]
+    fn start(self) -> Self {
+        self
+    }
+
+    #[inline(always)]
+    fn finish(_: &Self) {}
+}
+
+impl<V: Vector, const CAREFUL: bool, S: Side<V>, F: Form> Op<V>
+    for Recompute<'_, V, CAREFUL, S, F>
+{
     type Side = S;
 
     #[inline(always)]
@@ -2089,9 +2354,7 @@ fn block_stats<V: Vector>(
     mask: Option<&[bool]>,
     ahead: Ahead,
 ) -> Stats {
-    let mut mm = MaxMin::<V, false>::new(mask, None);
-    fold(z, NoSide, f32::NEG_INFINITY, &mut mm);
-    let (zmax, zmin) = mm.result();
+    let (zmax, zmin) = max_min::<V, false>(z, mask, None);
     let (m, tmin) = (
         transform_f32(transform, zmax),
         transform_f32(transform, zmin),
@@ -2102,46 +2365,49 @@ fn block_stats<V: Vector>(
     let lanes = Lanes::new(m, transform, mask);
     // Instantiated with and without the soft-cap (see [`Lanes::uncapped`]), and the fast variant
     // without the logit scale too (see [`Lanes::unscaled`]).
-    match (lanes.cap.is_some(), sums_mode(m, tmin, mask)) {
-        (false, CAREFUL) => sums_fold::<V, CAREFUL>(z, m, lanes.uncapped(), aux, ahead),
-        (false, MASKED) => sums_fold::<V, MASKED>(z, m, lanes.uncapped(), aux, ahead),
-        (false, _) if !lanes.scaled => sums_fold::<V, FAST>(z, m, lanes.unscaled(), aux, ahead),
-        (false, _) => sums_fold::<V, FAST>(z, m, lanes.uncapped(), aux, ahead),
-        (true, CAREFUL) => sums_fold::<V, CAREFUL>(z, m, lanes, aux, ahead),
-        (true, MASKED) => sums_fold::<V, MASKED>(z, m, lanes, aux, ahead),
-        (true, _) => sums_fold::<V, FAST>(z, m, lanes, aux, ahead),
+    match (lanes.capped, sums_mode(m, tmin, mask)) {
+        (false, CAREFUL) => sums_fold::<V, CAREFUL, _>(z, m, lanes.uncapped(), aux, ahead),
+        (false, MASKED) => sums_fold::<V, MASKED, _>(z, m, lanes.uncapped(), aux, ahead),
+        (false, _) if !lanes.scaled => sums_fold::<V, FAST, _>(z, m, lanes.unscaled(), aux, ahead),
+        (false, _) => sums_fold::<V, FAST, _>(z, m, lanes.uncapped(), aux, ahead),
+        (true, CAREFUL) => sums_fold::<V, CAREFUL, _>(z, m, lanes.capped(), aux, ahead),
+        (true, MASKED) => sums_fold::<V, MASKED, _>(z, m, lanes.capped(), aux, ahead),
+        (true, _) => sums_fold::<V, FAST, _>(z, m, lanes.capped(), aux, ahead),
     }
 }
 
 #[inline(always)]
-fn sums_fold<V: Vector, const MODE: u8>(
+fn sums_fold<V: Vector, const MODE: u8, F: Form>(
     z: &[f32],
     m: f32,
-    lanes: Lanes<'_, V>,
+    lanes: Lanes<'_, V, F>,
     aux: Option<&[f32]>,
     ahead: Ahead,
 ) -> Stats {
     match aux {
-        None => sums_fold_beside::<V, MODE, _>(z, m, lanes, NoSide, ahead),
+        None => sums_fold_beside::<V, MODE, _, F>(z, m, lanes, NoSide, ahead),
         Some(row) => match AuxSide::new(row, z.len()) {
-            Some(side) => sums_fold_beside::<V, MODE, _>(z, m, lanes, side, ahead),
+            Some(side) => sums_fold_beside::<V, MODE, _, F>(z, m, lanes, side, ahead),
             None => Stats::SHORT_AUX,
         },
     }
 }
 
 #[inline(always)]
-fn sums_fold_beside<V: Vector, const MODE: u8, S: Side<V>>(
+fn sums_fold_beside<V: Vector, const MODE: u8, S: Side<V>, F: Form>(
     z: &[f32],
     m: f32,
-    lanes: Lanes<'_, V>,
+    lanes: Lanes<'_, V, F>,
     side: S,
     ahead: Ahead,
 ) -> Stats {
-    let mut op = SumExp::<V, MODE, S>::new(m, lanes);
-    op.ahead = ahead;
-    fold(z, side, f32::NEG_INFINITY, &mut op);
-    op.stats()
+    let seed = SumExpSeed::<V, MODE, S, F> {
+        max: m,
+        lanes,
+        ahead,
+        side: PhantomData,
+    };
+    fold(z, side, seed)
 }
 
 /// The statistics of a row or piece, block by block: each block is read from memory once (its
@@ -2519,8 +2785,8 @@ pub(crate) fn gradient_row<V: RowKernels>(
     // (`MASKED_BITS`), for pass 3 to zero them by.
     let (stats, rest, stored_bits) = if reload {
         let (zmax, zmin) = match bits {
-            Some(bits) => max_min(z, MaxMin::<V, true>::new(mask, Some(bits.words))),
-            None => max_min(z, MaxMin::<V, false>::new(mask, None)),
+            Some(bits) => max_min::<V, true>(z, mask, Some(bits.words)),
+            None => max_min::<V, false>(z, mask, None),
         };
         let (m, tmin) = (
             transform_f32(transform, zmax),
@@ -2730,8 +2996,8 @@ fn recompute<V: Vector, S: Side<V>>(
 ) {
     // Instantiated with and without the soft-cap (see [`Lanes::uncapped`]), and the fast variant
     // without the logit scale too (see [`Lanes::unscaled`]).
-    if lanes.cap.is_some() {
-        recompute_lanes(io, lanes, grad, side, careful, stream);
+    if lanes.capped {
+        recompute_lanes(io, lanes.capped(), grad, side, careful, stream);
     } else if !lanes.scaled && !careful {
         recompute_lanes(io, lanes.unscaled(), grad, side, false, stream);
     } else {
@@ -2741,9 +3007,9 @@ fn recompute<V: Vector, S: Side<V>>(
 
 /// [`recompute`] with these lanes.
 #[inline(always)]
-fn recompute_lanes<V: Vector, S: Side<V>>(
+fn recompute_lanes<V: Vector, S: Side<V>, F: Form>(
     io: &mut Io<'_>,
-    lanes: Lanes<'_, V>,
+    lanes: Lanes<'_, V, F>,
     grad: GradLanes<V>,
     side: S,
     careful: bool,
@@ -2752,19 +3018,27 @@ fn recompute_lanes<V: Vector, S: Side<V>>(
     let ninf = f32::NEG_INFINITY;
     let pd = PhantomData;
     if careful {
-        let op = &mut Recompute::<V, true, S> {
+        let op = Recompute::<V, true, S, F> {
             lanes,
             grad,
             side: pd,
         };
-        io.map(side, ninf, op, stream);
+        if stream {
+            io.map::<V, _, true>(side, ninf, op);
+        } else {
+            io.map::<V, _, false>(side, ninf, op);
+        }
     } else {
-        let op = &mut Recompute::<V, false, S> {
+        let op = Recompute::<V, false, S, F> {
             lanes,
             grad,
             side: pd,
         };
-        io.map(side, ninf, op, stream);
+        if stream {
+            io.map::<V, _, true>(side, ninf, op);
+        } else {
+            io.map::<V, _, false>(side, ninf, op);
+        }
     }
 }
 
@@ -2806,7 +3080,7 @@ fn scale_beside<V: Vector, S: Side<V>>(
     let pd = PhantomData;
     match (bits, masked) {
         (Some(_), _) => {
-            let op = &mut Scale::<V, MASKED_BITS, S> {
+            let op = Scale::<V, MASKED_BITS, S> {
                 grad,
                 side: pd,
                 bits,
@@ -2816,7 +3090,7 @@ fn scale_beside<V: Vector, S: Side<V>>(
         (None, true) => io.map_out(
             side,
             0.0,
-            &mut Scale::<V, CAREFUL, S> {
+            Scale::<V, CAREFUL, S> {
                 grad,
                 side: pd,
                 bits,
@@ -2825,7 +3099,7 @@ fn scale_beside<V: Vector, S: Side<V>>(
         (None, false) => io.map_out(
             side,
             0.0,
-            &mut Scale::<V, FAST, S> {
+            Scale::<V, FAST, S> {
                 grad,
                 side: pd,
                 bits,
@@ -2872,29 +3146,30 @@ fn sums_map<V: Vector, const MODE: u8>(
     aux: Option<&[f32]>,
     ahead: Ahead,
 ) -> Stats {
-    // The fast and masked variants, the common ones, instantiated for unscaled rows too (see
-    // [`Lanes::unscaled`]).
-    if MODE != CAREFUL && !lanes.scaled && lanes.cap.is_none() {
-        sums_map_aux::<V, MODE>(io, m, lanes.unscaled(), aux, ahead)
+    // Never with a soft-cap: rows with one take the recompute strategy, and the piece calls
+    // that store exps refuse it. The fast and masked variants, the common ones, are
+    // instantiated for unscaled rows too (see [`Lanes::unscaled`]).
+    if MODE != CAREFUL && !lanes.scaled {
+        sums_map_aux::<V, MODE, _>(io, m, lanes.unscaled(), aux, ahead)
     } else {
-        sums_map_aux::<V, MODE>(io, m, lanes, aux, ahead)
+        sums_map_aux::<V, MODE, _>(io, m, lanes.uncapped(), aux, ahead)
     }
 }
 
 /// [`sums_map`] with these lanes.
 #[inline(always)]
-fn sums_map_aux<V: Vector, const MODE: u8>(
+fn sums_map_aux<V: Vector, const MODE: u8, F: Form>(
     io: &mut Io<'_>,
     m: f32,
-    lanes: Lanes<'_, V>,
+    lanes: Lanes<'_, V, F>,
     aux: Option<&[f32]>,
     ahead: Ahead,
 ) -> Stats {
     match aux {
-        None => sums_map_beside::<V, MODE, _>(io, m, lanes, NoSide, ahead),
+        None => sums_map_beside::<V, MODE, _, F>(io, m, lanes, NoSide, ahead),
         Some(row) => {
             if let Some(side) = AuxSide::new(row, io.src().len()) {
-                sums_map_beside::<V, MODE, _>(io, m, lanes, side, ahead)
+                sums_map_beside::<V, MODE, _, F>(io, m, lanes, side, ahead)
             } else {
                 io.fill(f32::NAN);
                 Stats::SHORT_AUX
@@ -2904,15 +3179,18 @@ fn sums_map_aux<V: Vector, const MODE: u8>(
 }
 
 #[inline(always)]
-fn sums_map_beside<V: Vector, const MODE: u8, S: Side<V>>(
+fn sums_map_beside<V: Vector, const MODE: u8, S: Side<V>, F: Form>(
     io: &mut Io<'_>,
     m: f32,
-    lanes: Lanes<'_, V>,
+    lanes: Lanes<'_, V, F>,
     side: S,
     ahead: Ahead,
 ) -> Stats {
-    let mut op = SumExp::<V, MODE, S>::new(m, lanes);
-    op.ahead = ahead;
-    io.map(side, f32::NEG_INFINITY, &mut op, false);
-    op.stats()
+    let seed = SumExpSeed::<V, MODE, S, F> {
+        max: m,
+        lanes,
+        ahead,
+        side: PhantomData,
+    };
+    io.map::<V, _, false>(side, f32::NEG_INFINITY, seed)
 }

@@ -5,11 +5,26 @@
 //! and stores go through fixed-size arrays produced by [`Vector::split`], so the generic code does
 //! no indexing and no pointer arithmetic.
 
+/// Work for [`Vector::outline`]: a loop with everything it needs, run by value.
+pub(crate) trait Task<V> {
+    /// What the work gives back.
+    type Output;
+    /// Does the work (inlined into the function that [`Vector::outline`] makes).
+    fn run(self) -> Self::Output;
+}
+
 /// A register of `LANES` f32 values.
 ///
 /// The x86 implementations are only valid to call inside functions compiled with their target
 /// features enabled; their types are private to their backend module, which guarantees that.
 pub(crate) trait Vector: Copy {
+    /// Runs `task` in a function of its own, never inlined, compiled with this backend's target
+    /// features. The kernel's loops go through it ([`crate::kernel`]'s loop drivers), so that each
+    /// instantiated loop is one function: inlined together into a row kernel, they made functions
+    /// of hundreds of kilobytes of machine code that kept the optimiser busy for minutes per
+    /// build. A call per pass over a row costs nanoseconds.
+    fn outline<T: Task<Self>>(task: T) -> T::Output;
+
     /// Number of f32 lanes.
     const LANES: usize;
     /// A per-lane predicate: an opmask on AVX-512, a vector of all-ones or all-zeros lanes

@@ -5,7 +5,7 @@
 use wide::f32x8;
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
-use crate::vector::Vector;
+use crate::vector::{Task, Vector};
 use crate::Targets;
 
 /// Eight f32 lanes from `wide`.
@@ -17,6 +17,10 @@ impl Vector for Portable {
     type Array = [f32; 8];
     type Mask = f32x8;
 
+    #[inline(never)]
+    fn outline<T: Task<Self>>(task: T) -> T::Output {
+        task.run()
+    }
     #[inline(always)]
     fn split(s: &[f32]) -> (&[[f32; 8]], &[f32]) {
         s.as_chunks()
