@@ -46,6 +46,9 @@
 //!   losses add up), a tile being as many rows as keep its logits and exps within 1 MiB (4 rows of
 //!   32000, 1 of 128256): the order a caller streaming chunks on one device can choose, which
 //!   keeps the exps in L2 until the backward step reads them.
+//!   Each piece's first step but the last names the next piece's logits with
+//!   `CrossEntropy::read_ahead`, so that its last row prefetches them; `_no_hint` is the same
+//!   without it.
 //! - `fb/pieces8_exps_tiled_in_place`: `fb/pieces8_exps_tiled` with
 //!   `piece_states_and_exps_in_place`, refilled like `fb/pieces8_in_place`; a tile holds only the
 //!   logits (their exps overwrite them), so it is twice as many rows (8 of 32000, 2 of 128256).
@@ -689,8 +692,9 @@ fn tile_rows(classes: usize, bytes: usize) -> usize {
 /// The one-exp path over tiles of `tile` rows, as a caller that streams chunks on one device can
 /// order it: for each tile, every piece's states and exps (into its block of `grad`, from
 /// `logits`, or in place from `grad` itself when `logits` is `None`), the merge, the losses and
-/// every piece's gradient. `ce` has `mean_denominator(N)`, so the tiles' `Mean` losses add up to
-/// the batch's. Returns the batch's loss.
+/// every piece's gradient. With `hint`, each piece's states-and-exps call but the last names the
+/// next piece's logits with `read_ahead`. `ce` has `mean_denominator(N)`, so the tiles' `Mean`
+/// losses add up to the batch's. Returns the batch's loss.
 fn tiled_exps(
     split: &mut Split,
     ce: &CrossEntropy,
@@ -698,6 +702,7 @@ fn tiled_exps(
     targets: &[u32],
     grad: &mut [f32],
     tile: usize,
+    hint: bool,
 ) -> Result<f32, Error> {
     let rows = targets.len();
     let mut loss = 0.0;
@@ -708,17 +713,34 @@ fn tiled_exps(
             let start = block(rows, piece).start;
             start + r0 * piece.width..start + r1 * piece.width
         };
-        for (&piece, states) in split.pieces.iter().zip(&mut split.states) {
+        let pieces = split.pieces.len();
+        for (i, states) in split.states.iter_mut().enumerate() {
+            let piece = split.pieces[i];
             let (range, states) = (sub(piece), &mut states[r0..r1]);
+            // The next piece's block comes after this one's: split there, so that the hint can
+            // borrow it while this piece's part is written.
+            let next = split.pieces.get(i + 1).filter(|_| hint).map(|&p| sub(p));
+            let at = next.as_ref().map_or(grad.len(), |n| n.start);
+            let (head, tail) = grad.split_at_mut(at);
+            let ahead: &[f32] = match (&next, logits) {
+                (Some(n), Some(logits)) => &logits[n.clone()],
+                (Some(n), None) => &tail[..n.len()],
+                (None, _) => &[],
+            };
+            let ce = if i + 1 < pieces {
+                ce.read_ahead(ahead)
+            } else {
+                *ce
+            };
             match logits {
                 Some(logits) => ce.piece_states_and_exps(
                     &logits[range.clone()],
                     piece,
                     t,
                     states,
-                    &mut grad[range],
+                    &mut head[range],
                 )?,
-                None => ce.piece_states_and_exps_in_place(&mut grad[range], piece, t, states)?,
+                None => ce.piece_states_and_exps_in_place(&mut head[range], piece, t, states)?,
             }
         }
         for row in r0..r1 {
@@ -875,7 +897,8 @@ fn split_exp_benches(
     }
 }
 
-/// The tiled one-exp benchmarks (`fb/pieces8_exps_tiled`, out of place and in place).
+/// The tiled one-exp benchmarks (`fb/pieces8_exps_tiled`, out of place and in place), with the
+/// `read_ahead` hint and without it (`_no_hint`).
 fn tiled_benches(
     group: &mut BenchmarkGroup<'_, WallTime>,
     ce: &CrossEntropy,
@@ -887,49 +910,41 @@ fn tiled_benches(
     let classes = ce.classes();
     let count = split.pieces.len();
     let mut split_grad = split_logits.to_vec();
-    let tile = tile_rows(classes, 8);
     let ce = ce.mean_denominator(targets.len() as f32);
-    let loss = tiled_exps(
-        split,
-        &ce,
-        Some(split_logits),
-        targets,
-        &mut split_grad,
-        tile,
-    )
-    .expect("valid arguments");
-    check_split(split, classes, loss, &split_grad, unsplit);
-    group.bench_function(
-        BenchmarkId::new("fb", format!("pieces{count}_exps_tiled")),
-        |b| {
-            b.iter(|| {
-                let loss = tiled_exps(
-                    split,
-                    &ce,
-                    Some(black_box(split_logits)),
-                    targets,
-                    &mut split_grad,
-                    tile,
-                )
-                .expect("valid arguments");
-                black_box(split_grad.as_mut_slice());
-                black_box(loss)
-            });
-        },
-    );
+    for hint in [true, false] {
+        let suffix = if hint { "" } else { "_no_hint" };
+        let tile = tile_rows(classes, 8);
+        let logits = Some(split_logits);
+        let loss = tiled_exps(split, &ce, logits, targets, &mut split_grad, tile, hint)
+            .expect("valid arguments");
+        check_split(split, classes, loss, &split_grad, unsplit);
+        group.bench_function(
+            BenchmarkId::new("fb", format!("pieces{count}_exps_tiled{suffix}")),
+            |b| {
+                b.iter(|| {
+                    let logits = Some(black_box(split_logits));
+                    let loss = tiled_exps(split, &ce, logits, targets, &mut split_grad, tile, hint)
+                        .expect("valid arguments");
+                    black_box(split_grad.as_mut_slice());
+                    black_box(loss)
+                });
+            },
+        );
 
-    let tile = tile_rows(classes, 4);
-    let mut work = split_logits.to_vec();
-    let loss = tiled_exps(split, &ce, None, targets, &mut work, tile).expect("valid arguments");
-    check_split(split, classes, loss, &work, unsplit);
-    group.bench_function(
-        BenchmarkId::new("fb", format!("pieces{count}_exps_tiled_in_place")),
-        |b| {
-            refilled(b, &mut work, split_logits, |z| {
-                tiled_exps(split, &ce, None, targets, z, tile).expect("valid arguments")
-            });
-        },
-    );
+        let tile = tile_rows(classes, 4);
+        let mut work = split_logits.to_vec();
+        let loss =
+            tiled_exps(split, &ce, None, targets, &mut work, tile, hint).expect("valid arguments");
+        check_split(split, classes, loss, &work, unsplit);
+        group.bench_function(
+            BenchmarkId::new("fb", format!("pieces{count}_exps_tiled_in_place{suffix}")),
+            |b| {
+                refilled(b, &mut work, split_logits, |z| {
+                    tiled_exps(split, &ce, None, targets, z, tile, hint).expect("valid arguments")
+                });
+            },
+        );
+    }
 }
 
 criterion_group! {

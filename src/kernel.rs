@@ -195,6 +195,9 @@ pub(crate) struct Job<'a> {
     pub row_scales: Option<&'a [f32]>,
     /// Whether per-row correctness is wanted (it costs a scan for soft targets).
     pub want_correct: bool,
+    /// What the caller reads after this call ([`crate::CrossEntropy::read_ahead`]): the last
+    /// row prefetches it where the other rows prefetch the next row.
+    pub after: Ahead,
 }
 
 impl Job<'_> {
@@ -416,7 +419,7 @@ fn run_pieces<V: RowKernels>(job: &Job<'_>, targets: &Targets<'_>, buffers: Buff
                     let Some(io) = rows.next() else {
                         break;
                     };
-                    let next = rows.ahead();
+                    let next = rows.ahead().or(job.after, width);
                     *state = V::piece_exps(job, io, piece, job.row_target(&targets, row), next);
                 }
             }
@@ -626,7 +629,8 @@ fn gradient_rows<V: RowKernels>(
     while let Some(io) = rows.next() {
         let target = job.row_target(targets, row);
         // The next row is fetched while this one's exps are computed.
-        record(row, V::gradient_row(job, io, target, row, rows.ahead()));
+        let next = rows.ahead().or(job.after, job.classes);
+        record(row, V::gradient_row(job, io, target, row, next));
         row += 1;
     }
 }
@@ -900,9 +904,8 @@ pub(crate) fn piece_exps<V: RowKernels>(
         io.fill(0.0);
         return RowState::EMPTY;
     };
-    // The API refuses a soft-cap here (stored exps could not carry its chain factor). Built
-    // without one, so that the loops below hold no soft-cap code: with it, every vector of the
-    // sums paid a branch on it, and the tanh's registers pushed the row constants onto the stack.
+    // The API refuses a soft-cap here (stored exps could not carry its chain factor), and
+    // `sums_map` compiles its loops without one: a row with one never gets there.
     if job.transform.cap.is_some() {
         io.fill(f32::NAN);
         return RowState {
@@ -913,10 +916,7 @@ pub(crate) fn piece_exps<V: RowKernels>(
             target_logit: None,
         };
     }
-    let transform = Transform {
-        scale: job.transform.scale,
-        cap: None,
-    };
+    let transform = job.transform;
     let (aux, mask) = piece_inputs(job, piece, target);
     let z = io.src();
     let target_logit = piece_target_logit(z, piece, target);
@@ -1722,6 +1722,19 @@ impl Ahead {
         }
     }
 
+    /// This range, or if it is empty the first `width` elements (at most) of `other`.
+    #[inline(always)]
+    pub(crate) fn or(self, other: Ahead, width: NonZeroUsize) -> Ahead {
+        if self.len > 0 {
+            self
+        } else {
+            Ahead {
+                start: other.start,
+                len: other.len.min(width.get()),
+            }
+        }
+    }
+
     /// The address of element `offset`, if within the range.
     #[inline(always)]
     fn at(self, offset: usize) -> Option<*const f32> {
@@ -2111,12 +2124,8 @@ impl<V: Vector, const MODE: u8, S: Side<V>, F: Form> Op<V> for SumExp<'_, V, MOD
         t.allowed += self.fast_count;
         self.fast_count = 0;
         if S::PRESENT {
-            let [a, b] = self.aux_shifted;
-            t.aux_shifted += a.add(b).reduce_sum();
-            let [a, b] = self.aux_sum;
-            t.aux_sum += a.add(b).reduce_sum();
-            self.aux_shifted = [V::splat(0.0); 2];
-            self.aux_sum = [V::splat(0.0); 2];
+            t.aux_shifted += drain(&mut self.aux_shifted);
+            t.aux_sum += drain(&mut self.aux_sum);
         }
         if MODE != FAST {
             self.flush_careful();
@@ -2143,13 +2152,26 @@ impl<V: Vector, const MODE: u8, S: Side<V>, F: Form> SumExp<'_, V, MODE, S, F> {
     }
 }
 
-/// The f64 sum of four accumulators, which are reset to zero. (A function, not a closure: closures
-/// do not inherit the target features of the backend function they are inlined into.)
+/// The f64 sum of `N` (even) accumulators, pairwise (`(a + b) + (c + d)` for four), which are
+/// reset to zero. (A function and a loop, not closures: closures do not inherit the target
+/// features of the backend function they are inlined into.)
 #[inline(always)]
-fn drain<V: Vector>(acc: &mut [V; 4]) -> f64 {
-    let [a, b, c, d] = *acc;
-    *acc = [V::splat(0.0); 4];
-    a.add(b).add(c.add(d)).reduce_sum()
+fn drain<V: Vector, const N: usize>(acc: &mut [V; N]) -> f64 {
+    let all = *acc;
+    *acc = [V::splat(0.0); N];
+    let (pairs, _) = all.as_chunks::<2>();
+    let mut total: Option<V> = None;
+    for [a, b] in pairs {
+        let pair = a.add(*b);
+        total = Some(match total {
+            Some(t) => t.add(pair),
+            None => pair,
+        });
+    }
+    match total {
+        Some(t) => t.reduce_sum(),
+        None => 0.0,
+    }
 }
 
 /// The gradient constants of a row, per element: `g = e * a + b + c * v`, all chain factors of the

@@ -3,7 +3,7 @@
 use core::num::NonZeroUsize;
 
 use crate::arch::{self, Backend};
-use crate::kernel::{Buffers, Io, Job, Outputs, Totals, Transform, Weights};
+use crate::kernel::{Ahead, Buffers, Io, Job, Outputs, Totals, Transform, Weights};
 use crate::shard::{Piece, RowState};
 use crate::{Error, Targets};
 
@@ -178,6 +178,8 @@ pub struct CrossEntropy<'a> {
     class_mask: Option<&'a [bool]>,
     upstream: f32,
     mean_denominator: Option<f32>,
+    /// What the caller reads after the call (see [`CrossEntropy::read_ahead`]).
+    read_ahead: &'a [f32],
 }
 
 /// Which semantics class weights follow.
@@ -286,6 +288,7 @@ impl<'a> CrossEntropy<'a> {
             class_mask: None,
             upstream: 1.0,
             mean_denominator: None,
+            read_ahead: &[],
         }
     }
 
@@ -545,6 +548,39 @@ impl<'a> CrossEntropy<'a> {
     #[must_use]
     pub fn mean_denominator(mut self, denominator: f32) -> Self {
         self.mean_denominator = Some(denominator);
+        self
+    }
+
+    /// A hint, with no effect on any result: the call's last row prefetches the start of
+    /// `next` (as much of it as a row holds) while its exps are computed, as every other row
+    /// prefetches the row after it. For a caller whose next call reads logits that do not
+    /// follow this call's in memory, such as the next piece of split rows (see
+    /// [`shard`](crate::shard)), which lies in another block. `next` is never read: only the
+    /// addresses are named. Used by the calls that prefetch the next row: the gradient calls
+    /// and [`piece_states_and_exps`](Self::piece_states_and_exps) (and its in-place form), on
+    /// rows of more than 32 classes; the other calls ignore it. Empty by default; set it per
+    /// call, on a copy of the configuration.
+    ///
+    /// ```
+    /// use smoothce::{CrossEntropy, Piece, RowState};
+    /// let ce = CrossEntropy::new(4);
+    /// let row = [0.5_f32, -1.0, 2.0, 0.0];
+    /// let (left, right) = row.split_at(2);
+    /// let mut exps = [0.0_f32; 4];
+    /// let (first, second) = exps.split_at_mut(2);
+    /// let mut own = [[RowState::EMPTY]; 2];
+    /// // The first piece's call prefetches the second piece's logits.
+    /// ce.read_ahead(right).piece_states_and_exps(left, Piece { offset: 0, width: 2 }, &[2_u32], &mut own[0], first)?;
+    /// ce.piece_states_and_exps(right, Piece { offset: 2, width: 2 }, &[2_u32], &mut own[1], second)?;
+    /// // The same states as without the hint.
+    /// let mut again = [RowState::EMPTY];
+    /// ce.piece_states_and_exps(left, Piece { offset: 0, width: 2 }, &[2_u32], &mut again, first)?;
+    /// assert_eq!(again, own[0]);
+    /// # Ok::<(), smoothce::Error>(())
+    /// ```
+    #[must_use]
+    pub fn read_ahead(mut self, next: &'a [f32]) -> Self {
+        self.read_ahead = next;
         self
     }
 
@@ -1359,6 +1395,7 @@ impl<'a> CrossEntropy<'a> {
                 class_bits: None,
                 row_scales: extras.row_scales,
                 want_correct: extras.correct.is_some(),
+                after: Ahead::of(self.read_ahead),
             },
             rows: counted,
         })

@@ -10,7 +10,7 @@ use std::sync::Barrier;
 
 use common::{backends, bits, check_all, run, Entry, Output, Rng};
 use smoothce::reference::{self, agrees, GRAD_TOLERANCE, LOSS_TOLERANCE};
-use smoothce::{Backend, CrossEntropy, Extras, Reduction, Smoothing, Targets};
+use smoothce::{Backend, CrossEntropy, Extras, Piece, Reduction, RowState, Smoothing, Targets};
 
 /// Class counts: below, at and above every vector width, a block boundary, beyond 2^18.
 /// (`more_than_2_24_classes_in_one_row` covers rows beyond the 2^22 strategy switch.)
@@ -1031,6 +1031,71 @@ fn a_logit_scaled_below_f32_min_is_a_masked_class() {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// `read_ahead` is a prefetch hint: whatever it names (nothing, part of a row, more than a row,
+/// the call's own logits), every result of the gradient calls and of the stored-exp piece calls
+/// is the same, bit for bit, as without it, on every backend.
+#[test]
+fn read_ahead_changes_no_result() {
+    let mut rng = Rng::new(0x5eed_a4ead);
+    for &k in &[40_usize, 1000, 5000] {
+        let n = 3;
+        let logits = common::random_batch(&mut rng, n, k, 0.0, 8.0);
+        let targets = common::random_targets(&mut rng, n, k);
+        let elsewhere = common::random_batch(&mut rng, 2, k + 7, 0.0, 1.0);
+        let hints: [&[f32]; 4] = [&[], &elsewhere[..5], &elsewhere, &logits];
+        for backend in backends() {
+            let ce = CrossEntropy::new(k)
+                .smoothing(Smoothing::Uniform(0.1))
+                .backend(backend);
+            for entry in Entry::ALL {
+                let plain = run(&ce, entry, &logits, &targets);
+                for hint in hints {
+                    let hinted = run(&ce.read_ahead(hint), entry, &logits, &targets);
+                    assert!(
+                        plain.bits_eq(&hinted),
+                        "{backend:?} K={k} {entry:?}, hint of {}: {}",
+                        hint.len(),
+                        common::first_difference(&plain, &hinted)
+                    );
+                }
+            }
+            let piece = Piece {
+                offset: 0,
+                width: k,
+            };
+            let states_and_exps = |ce: &CrossEntropy<'_>| {
+                let mut states = vec![RowState::EMPTY; n];
+                let mut exps = vec![0.0_f32; n * k];
+                ce.piece_states_and_exps(&logits, piece, &targets[..], &mut states, &mut exps)
+                    .expect("valid arguments");
+                let mut in_place = logits.clone();
+                let mut states_in_place = vec![RowState::EMPTY; n];
+                ce.piece_states_and_exps_in_place(
+                    &mut in_place,
+                    piece,
+                    &targets[..],
+                    &mut states_in_place,
+                )
+                .expect("valid arguments");
+                let words: Vec<u64> = states
+                    .iter()
+                    .chain(&states_in_place)
+                    .flat_map(|s| s.to_words().map(f64::to_bits))
+                    .collect();
+                (words, bits(&exps), bits(&in_place))
+            };
+            let plain = states_and_exps(&ce);
+            for hint in hints {
+                assert!(
+                    plain == states_and_exps(&ce.read_ahead(hint)),
+                    "{backend:?} K={k} piece exps, hint of {}",
+                    hint.len()
+                );
             }
         }
     }
