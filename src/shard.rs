@@ -31,9 +31,12 @@
 //!   pieces are held anyway (tensor-parallel shards). On one device, going through all three steps
 //!   a tile of rows at a time (tiles whose buffers fit in L2: logits and exps, or the logits alone
 //!   in place; use [`mean_denominator`](CrossEntropy::mean_denominator) so that the tiles' losses
-//!   add up) keeps the exps cached until step 3 reads them: 8 pieces then take 1.04-1.11x the
-//!   unsplit call at [16×32000] and 1.11-1.13x at [4×128256] (in place or not; tiles of one row
-//!   cannot prefetch a next row as the unsplit call does). `BENCHMARKS.md` has the figures.
+//!   add up) keeps the exps cached until step 3 reads them. Name the next piece's logits in each
+//!   piece's step-1 call with [`read_ahead`](CrossEntropy::read_ahead): the call's last row then
+//!   prefetches them, as the unsplit call's rows prefetch the next row (a tile of one or two rows
+//!   has no next row of its own). 8 pieces then take 1.04x the unsplit call at [16×32000] and
+//!   0.96x at [4×128256] (in place 1.08x and 0.91x; without the hint 1.09x and 1.02x, in place
+//!   1.17x and 1.07x). `BENCHMARKS.md` has the figures.
 //!
 //! The smoothing always uses the global number of classes `K` (and the global count of allowed
 //! classes when some are masked), never the piece's: Megatron-LM's local-`K` bug cannot happen.
