@@ -489,8 +489,8 @@ pub(crate) trait RowKernels: Vector {
     ) -> RowState;
 }
 
-/// The rows of a gradient call as [`Io`]s, whichever the buffer layout: one loop, so the row
-/// kernel is inlined (and compiled) once per backend instead of once per layout.
+/// The rows of a gradient call as [`Io`]s, whichever the buffer layout: one loop over the rows for
+/// both layouts.
 ///
 /// Split off row by row with `split_at_checked` rather than zipped `chunks_exact`: `Zip::new`
 /// divides by the chunk size out of line, where the optimiser no longer sees that it is not zero,
@@ -1016,7 +1016,8 @@ impl<'a> Io<'a> {
     }
 
     /// Applies the op `seed` starts to the source, storing into the destination (with
-    /// non-temporal stores if `STREAM`), in a function of its own (see [`Vector::outline`]).
+    /// non-temporal stores if `STREAM` and the destination is a separate buffer), in a function
+    /// of its own (see [`Vector::outline`]).
     #[inline(always)]
     fn map<V: Vector, D: Seed<V>, const STREAM: bool>(
         &mut self,
@@ -1031,7 +1032,8 @@ impl<'a> Io<'a> {
                 tail_fill,
                 seed,
             }),
-            Io::InPlace(z) => V::outline(Loop::<_, _, _, STREAM> {
+            // In place never streams (see `write_gradient`): no streaming copy of these loops.
+            Io::InPlace(z) => V::outline(Loop::<_, _, _, false> {
                 io: InPlaceIo(z),
                 side,
                 tail_fill,
@@ -1811,6 +1813,7 @@ struct Lanes<'a, V: Vector, F = Unknown> {
     /// The class mask as bits (see [`Job::class_bits`]), for the `MASKED_BITS` variant; empty
     /// otherwise.
     bits: Option<MaskBits<'a>>,
+    /// The [`Form`] the loops are compiled for.
     form: PhantomData<F>,
 }
 
@@ -1854,9 +1857,8 @@ impl<'a, V: Vector> Lanes<'a, V> {
     }
 
     /// These lanes for a row without a soft-cap (the caller knows it has none), for loops with
-    /// no soft-cap code. Without it, the loops tested the soft-cap on every vector (the compiler
-    /// does not unswitch loops this size), and the tanh's registers pushed the row constants and
-    /// accumulators onto the stack.
+    /// no soft-cap code (whose tanh's registers would push the row constants and accumulators
+    /// onto the stack).
     #[inline(always)]
     fn uncapped(self) -> Lanes<'a, V, Uncapped> {
         self.to()
@@ -1946,7 +1948,8 @@ struct SumExp<'a, V: Vector, const MODE: u8, S, F> {
     total: Stats,
     /// Prefetched while this pass runs, a cache line per vector: the next block of the row while
     /// this one is summed from L1 (see [`stats_inline`]), or, in the reload strategy, the next
-    /// row, whose logits come from memory while this row's exps keep the cores busy.
+    /// row, whose logits come from memory while this row's exps keep the cores busy (after the
+    /// last row, what the caller named by [`crate::CrossEntropy::read_ahead`]).
     ahead: Ahead,
 }
 
@@ -2152,20 +2155,26 @@ impl<V: Vector, const MODE: u8, S: Side<V>, F: Form> SumExp<'_, V, MODE, S, F> {
     }
 }
 
-/// The f64 sum of `N` (even) accumulators, pairwise (`(a + b) + (c + d)` for four), which are
-/// reset to zero. (A function and a loop, not closures: closures do not inherit the target
+/// The f64 sum of `N` accumulators, pairwise (`(a + b) + (c + d)` for four; an odd last one
+/// added at the end), which are reset to zero. (A function and a loop, not closures: closures do not inherit the target
 /// features of the backend function they are inlined into.)
 #[inline(always)]
 fn drain<V: Vector, const N: usize>(acc: &mut [V; N]) -> f64 {
     let all = *acc;
     *acc = [V::splat(0.0); N];
-    let (pairs, _) = all.as_chunks::<2>();
+    let (pairs, odd) = all.as_chunks::<2>();
     let mut total: Option<V> = None;
     for [a, b] in pairs {
         let pair = a.add(*b);
         total = Some(match total {
             Some(t) => t.add(pair),
             None => pair,
+        });
+    }
+    for &a in odd {
+        total = Some(match total {
+            Some(t) => t.add(a),
+            None => a,
         });
     }
     match total {
@@ -2385,8 +2394,7 @@ fn block_stats<V: Vector>(
         return stats;
     }
     let lanes = Lanes::new(m, transform, mask);
-    // Instantiated with and without the soft-cap (see [`Lanes::uncapped`]), and the fast variant
-    // without the logit scale too (see [`Lanes::unscaled`]).
+    // Each loop compiled for the row's form (see [`Form`]): the fast variant unscaled too.
     match (lanes.capped, sums_mode(m, tmin, mask)) {
         (false, CAREFUL) => sums_fold::<V, CAREFUL, _>(z, m, lanes.uncapped(), aux, ahead),
         (false, MASKED) => sums_fold::<V, MASKED, _>(z, m, lanes.uncapped(), aux, ahead),
@@ -3016,8 +3024,7 @@ fn recompute<V: Vector, S: Side<V>>(
     careful: bool,
     stream: bool,
 ) {
-    // Instantiated with and without the soft-cap (see [`Lanes::uncapped`]), and the fast variant
-    // without the logit scale too (see [`Lanes::unscaled`]).
+    // Each loop compiled for the row's form (see [`Form`]): the fast variant unscaled too.
     if lanes.capped {
         recompute_lanes(io, lanes.capped(), grad, side, careful, stream);
     } else if !lanes.scaled && !careful {

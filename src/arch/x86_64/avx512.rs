@@ -48,8 +48,9 @@ impl Vector for Avx512 {
         fn outlined<T: Task<Avx512>>(task: T) -> T::Output {
             task.run()
         }
-        // SAFETY: a value of this type only exists inside `run`, compiled with these target
-        // features, which `arch::select` hands out only after detecting them (see above).
+        // SAFETY: only the kernel code instantiated for this type calls this, and that code only
+        // runs inside `run` (compiled with these target features, which `arch::select` hands out
+        // only after detecting them) and the row kernels it calls (see above).
         unsafe { outlined(task) }
     }
     #[inline(always)]
