@@ -1042,6 +1042,22 @@ impl<'a> Io<'a> {
         }
     }
 
+    /// [`Io::map`] with `stream` known only at run time: one branch per row, not per store.
+    #[inline(always)]
+    fn map_stream<V: Vector, D: Seed<V>>(
+        &mut self,
+        side: <D::Op as Op<V>>::Side,
+        tail_fill: f32,
+        seed: D,
+        stream: bool,
+    ) -> D::Output {
+        if stream {
+            self.map::<V, D, true>(side, tail_fill, seed)
+        } else {
+            self.map::<V, D, false>(side, tail_fill, seed)
+        }
+    }
+
     /// Applies the op `seed` starts to the destination in place, in a function of its own.
     #[inline(always)]
     fn map_out<V: Vector, D: Seed<V>>(
@@ -1161,38 +1177,36 @@ struct IntoIo<'s>(&'s [f32], &'s mut [f32]);
 /// [`map_in_place`] over a row.
 struct InPlaceIo<'s>(&'s mut [f32]);
 
-impl<V: Vector, D: Seed<V>, S: Side<V>> Task<V> for Loop<FoldIo<'_>, D, S, false>
-where
-    D::Op: Op<V, Side = S>,
-{
-    type Output = D::Output;
+/// The buffers of a [`Loop`], which pick its driver.
+trait LoopIo<V: Vector> {
+    /// Runs the driver of these buffers with `op` (`stream`: non-temporal stores, where the
+    /// driver stores).
+    fn drive<O: Op<V>>(self, side: O::Side, tail_fill: f32, op: &mut O, stream: bool);
+}
 
+impl<V: Vector> LoopIo<V> for FoldIo<'_> {
     #[inline(always)]
-    fn run(self) -> D::Output {
-        let mut op = self.seed.start();
-        fold_inline(self.io.0, self.side, self.tail_fill, &mut op);
-        D::finish(&op)
+    fn drive<O: Op<V>>(self, side: O::Side, tail_fill: f32, op: &mut O, _stream: bool) {
+        fold_inline(self.0, side, tail_fill, op);
     }
 }
 
-impl<V: Vector, D: Seed<V>, S: Side<V>, const STREAM: bool> Task<V>
-    for Loop<IntoIo<'_>, D, S, STREAM>
-where
-    D::Op: Op<V, Side = S>,
-{
-    type Output = D::Output;
-
+impl<V: Vector> LoopIo<V> for IntoIo<'_> {
     #[inline(always)]
-    fn run(self) -> D::Output {
-        let mut op = self.seed.start();
-        let IntoIo(src, dst) = self.io;
-        map_into(src, dst, self.side, self.tail_fill, &mut op, STREAM);
-        D::finish(&op)
+    fn drive<O: Op<V>>(self, side: O::Side, tail_fill: f32, op: &mut O, stream: bool) {
+        map_into(self.0, self.1, side, tail_fill, op, stream);
     }
 }
 
-impl<V: Vector, D: Seed<V>, S: Side<V>, const STREAM: bool> Task<V>
-    for Loop<InPlaceIo<'_>, D, S, STREAM>
+impl<V: Vector> LoopIo<V> for InPlaceIo<'_> {
+    #[inline(always)]
+    fn drive<O: Op<V>>(self, side: O::Side, tail_fill: f32, op: &mut O, stream: bool) {
+        map_in_place(self.0, side, tail_fill, op, stream);
+    }
+}
+
+impl<V: Vector, I: LoopIo<V>, D: Seed<V>, S: Side<V>, const STREAM: bool> Task<V>
+    for Loop<I, D, S, STREAM>
 where
     D::Op: Op<V, Side = S>,
 {
@@ -1201,7 +1215,7 @@ where
     #[inline(always)]
     fn run(self) -> D::Output {
         let mut op = self.seed.start();
-        map_in_place(self.io.0, self.side, self.tail_fill, &mut op, STREAM);
+        self.io.drive(self.side, self.tail_fill, &mut op, STREAM);
         D::finish(&op)
     }
 }
@@ -3052,22 +3066,14 @@ fn recompute_lanes<V: Vector, S: Side<V>, F: Form>(
             grad,
             side: pd,
         };
-        if stream {
-            io.map::<V, _, true>(side, ninf, op);
-        } else {
-            io.map::<V, _, false>(side, ninf, op);
-        }
+        io.map_stream(side, ninf, op, stream);
     } else {
         let op = Recompute::<V, false, S, F> {
             lanes,
             grad,
             side: pd,
         };
-        if stream {
-            io.map::<V, _, true>(side, ninf, op);
-        } else {
-            io.map::<V, _, false>(side, ninf, op);
-        }
+        io.map_stream(side, ninf, op, stream);
     }
 }
 
