@@ -558,8 +558,8 @@ impl<'a> CrossEntropy<'a> {
     /// [`shard`](crate::shard)), which lies in another block. `next` is never read: only the
     /// addresses are named. Used by the calls that prefetch the next row: the gradient calls
     /// and [`piece_states_and_exps`](Self::piece_states_and_exps) (and its in-place form), on
-    /// rows that the narrow kernel for short rows does not take; the other calls ignore it. Empty by default; set it per
-    /// call, on a copy of the configuration.
+    /// rows that the narrow kernel for short rows does not take; the other calls ignore it.
+    /// Empty by default; set it per call, on a copy of the configuration.
     ///
     /// ```
     /// use smoothce::{CrossEntropy, Piece, RowState};

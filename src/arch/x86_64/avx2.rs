@@ -14,7 +14,7 @@ use core::arch::x86_64::{
 };
 
 use crate::kernel::{self, Buffers, Job, Outputs, Totals};
-use crate::vector::{Task, Vector};
+use crate::vector::Vector;
 use crate::Targets;
 
 /// Eight f32 lanes in a `ymm` register.
@@ -34,18 +34,7 @@ impl Vector for Avx2 {
     type Array = [f32; 8];
     type Mask = __m256;
 
-    #[inline(always)]
-    fn outline<T: Task<Self>>(task: T) -> T::Output {
-        #[target_feature(enable = "avx2,fma")]
-        #[inline(never)]
-        fn outlined<T: Task<Avx2>>(task: T) -> T::Output {
-            task.run()
-        }
-        // SAFETY: only the kernel code instantiated for this type calls this, and that code only
-        // runs inside `run` (compiled with these target features, which `arch::select` hands out
-        // only after detecting them) and the row kernels it calls (see above).
-        unsafe { outlined(task) }
-    }
+    outline_with_features!(Avx2, "avx2,fma");
     #[inline(always)]
     fn split(s: &[f32]) -> (&[[f32; 8]], &[f32]) {
         s.as_chunks()

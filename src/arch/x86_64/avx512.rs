@@ -14,7 +14,7 @@ use core::arch::x86_64::{
 };
 
 use crate::kernel::{self, Buffers, Job, MaskBits, Outputs, Totals};
-use crate::vector::{mask_word, MaskWords, Task, Vector, MASK_CLASSES};
+use crate::vector::{mask_word, MaskWords, Vector, MASK_CLASSES};
 use crate::Targets;
 
 /// Sixteen f32 lanes in a `zmm` register.
@@ -41,18 +41,7 @@ impl Vector for Avx512 {
     type Array = [f32; 16];
     type Mask = __mmask16;
 
-    #[inline(always)]
-    fn outline<T: Task<Self>>(task: T) -> T::Output {
-        #[target_feature(enable = "avx512f")]
-        #[inline(never)]
-        fn outlined<T: Task<Avx512>>(task: T) -> T::Output {
-            task.run()
-        }
-        // SAFETY: only the kernel code instantiated for this type calls this, and that code only
-        // runs inside `run` (compiled with these target features, which `arch::select` hands out
-        // only after detecting them) and the row kernels it calls (see above).
-        unsafe { outlined(task) }
-    }
+    outline_with_features!(Avx512, "avx512f");
     #[inline(always)]
     fn split(s: &[f32]) -> (&[[f32; 16]], &[f32]) {
         s.as_chunks()

@@ -13,6 +13,25 @@ use super::{Backend, Kernel};
 use crate::kernel::{Buffers, Job, Outputs, Totals};
 use crate::Targets;
 
+/// [`Vector::outline`](crate::vector::Vector::outline) for an x86 backend's vector type `$v`:
+/// the task in a never-inlined function with the backend's target features.
+macro_rules! outline_with_features {
+    ($v:ty, $features:literal) => {
+        #[inline(always)]
+        fn outline<T: $crate::vector::Task<Self>>(task: T) -> T::Output {
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            fn outlined<T: $crate::vector::Task<$v>>(task: T) -> T::Output {
+                task.run()
+            }
+            // SAFETY: only the kernel code instantiated for this type calls this, and that code
+            // only runs inside the backend's `run` (compiled with these target features, which
+            // `arch::select` hands out only after detecting them) and the row kernels it calls.
+            unsafe { outlined(task) }
+        }
+    };
+}
+
 mod avx2;
 mod avx512;
 
